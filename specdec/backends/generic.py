@@ -1,0 +1,124 @@
+"""Generic backend: any transformers causal LM, driven through a 4D attention mask.
+
+The tree is scored in ONE forward: every new token sees the whole cached prefix and,
+among the new/scratch tokens, only its ancestors (a float additive mask, which the
+eager and SDPA attention paths both accept). Per-node position ids give each node
+its depth. The KV cache is a plain ``DynamicCache`` (full layers, so sliding-window
+models get their window from the mask we build), edited through its public
+``layers[i].keys/values`` tensors.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import DynamicCache
+
+log = logging.getLogger("specdec")
+
+
+
+def _text_config(model):
+    cfg = model.config
+    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+
+
+def context_length(model) -> int:
+    cfg = _text_config(model)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return 1 << 30
+
+
+class HFRunner:
+    """A transformers model plus its own KV cache (batch 1). Implements ``Runner``."""
+
+    def __init__(self, model):
+        if getattr(model.config, "is_encoder_decoder", False):
+            raise ValueError(f"{type(model).__name__} is an encoder-decoder model; specdec supports "
+                             "decoder-only causal LMs (AutoModelForCausalLM).")
+        impl = getattr(model.config, "_attn_implementation", None)
+        if impl and "flash" in impl:
+            raise ValueError(f"attn_implementation={impl!r} cannot take a tree attention mask; load the "
+                             "model with attn_implementation='sdpa' or 'eager' for the generic backend.")
+        self.model = model
+        cfg = _text_config(model)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0]) \
+            if model.get_output_embeddings() is not None else int(cfg.vocab_size)
+        self.max_length = context_length(model)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        window = getattr(cfg, "sliding_window", None)
+        layer_types = getattr(cfg, "layer_types", None)
+        # Hybrid models (Gemma2/3, Qwen2 with sliding layers) take a {layer type: mask} dict;
+        # all-sliding models without layer_types (Mistral v0.1) get the window in the one mask.
+        self._mask_dict = bool(window) and layer_types is not None and "sliding_attention" in layer_types
+        self.window = int(window) if self._mask_dict else None
+        self._global_window = int(window) if window and layer_types is None and \
+            getattr(cfg, "model_type", "") == "mistral" else None
+        self.cache = DynamicCache()
+        self.key_pos = torch.zeros(0, dtype=torch.long, device=self.device)  # [length] position of each entry
+
+    @property
+    def length(self) -> int:
+        return self.cache.get_seq_length()
+
+    def reset(self) -> None:
+        self.cache = DynamicCache()
+        self.key_pos = self.key_pos[:0]
+
+    def _mask(self, m: int, position_ids: torch.Tensor, tree_mask, mask_start: int, window: int | None):
+        """[1, 1, m, length + m] additive float mask."""
+        length = self.length
+        total = length + m
+        visible = torch.zeros(m, total, dtype=torch.bool, device=self.device)
+        visible[:, :mask_start] = True
+        if tree_mask is None:
+            tail = total - mask_start
+            tree_mask = torch.ones(m, tail, dtype=torch.bool, device=self.device).tril(tail - m)
+        visible[:, mask_start:] = tree_mask.to(self.device)
+        if window is not None:
+            key_pos = torch.cat([self.key_pos, position_ids])
+            visible &= key_pos[None, :] > position_ids[:, None] - window
+        mask = torch.zeros(m, total, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+        return mask[None, None]
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                tree_mask: torch.Tensor | None = None, mask_start: int | None = None) -> torch.Tensor:
+        m = input_ids.numel()
+        length = self.length
+        mask_start = length if mask_start is None else mask_start
+        position_ids = position_ids.to(self.device)
+        full = self._mask(m, position_ids, tree_mask, mask_start, self._global_window)
+        attn = full
+        if self._mask_dict:
+            sliding = full if self.window is None else self._mask(m, position_ids, tree_mask, mask_start, self.window)
+            attn = {"full_attention": full, "sliding_attention": sliding}
+        out = self.model(input_ids=input_ids.to(self.device)[None], position_ids=position_ids[None],
+                         attention_mask=attn, past_key_values=self.cache, use_cache=True,
+                         cache_position=torch.arange(length, length + m, device=self.device))
+        self.key_pos = torch.cat([self.key_pos, position_ids])
+        return out.logits[0].float()  # [m, vocab]
+
+    def keep(self, start: int, keep_idx: torch.Tensor) -> None:
+        keep_idx = keep_idx.to(self.device)
+        self.key_pos = torch.cat([self.key_pos[:start], self.key_pos[start + keep_idx]])
+        for layer in self.cache.layers:
+            if layer.keys is None or layer.keys.numel() == 0:
+                continue
+            sel = start + keep_idx
+            layer.keys = torch.cat([layer.keys[:, :, :start], layer.keys.index_select(2, sel)], dim=2)
+            layer.values = torch.cat([layer.values[:, :, :start], layer.values.index_select(2, sel)], dim=2)
+
+    def crop(self, length: int) -> None:
+        if length >= self.length:
+            return
+        self.key_pos = self.key_pos[:length]
+        for layer in self.cache.layers:  # plain slicing: crop()'s argument changed meaning across 5.x
+            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                layer.keys = layer.keys[:, :, :length]
+                layer.values = layer.values[:, :, :length]

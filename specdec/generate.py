@@ -1,0 +1,228 @@
+"""The speculative decoding loop: draft a tree, verify it in one forward, accept, commit."""
+from __future__ import annotations
+
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from .backends.generic import HFRunner
+from .config import SamplingParams, TreeBudget
+from .drafters.base import DraftRequest, Drafter, NoDrafter, VerifyResult
+from .sampling import accept_greedy, accept_sampling, context_counts, process
+from .tree import TokenTree
+
+
+@dataclass
+class GenerationStats:
+    steps: int = 0  # target verify forwards
+    new_tokens: int = 0
+    accepted_per_step: list[int] = field(default_factory=list)  # drafted tokens kept per step
+    tree_sizes: list[int] = field(default_factory=list)
+    draft_time_s: float = 0.0
+    verify_time_s: float = 0.0
+    prefill_time_s: float = 0.0
+    total_time_s: float = 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """tau: committed tokens per target forward (accepted + bonus)."""
+        return self.new_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def acceptance_histogram(self) -> dict[int, int]:
+        return dict(sorted(Counter(self.accepted_per_step).items()))
+
+    @property
+    def tokens_per_second(self) -> float:
+        t = self.total_time_s - self.prefill_time_s
+        return self.new_tokens / t if t > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {"steps": self.steps, "new_tokens": self.new_tokens,
+                "mean_accepted_length": self.mean_accepted_length,
+                "acceptance_histogram": self.acceptance_histogram,
+                "mean_tree_size": sum(self.tree_sizes) / max(1, len(self.tree_sizes)),
+                "draft_time_s": self.draft_time_s, "verify_time_s": self.verify_time_s,
+                "prefill_time_s": self.prefill_time_s, "total_time_s": self.total_time_s,
+                "tokens_per_second": self.tokens_per_second}
+
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor  # [1, prompt_len + new] int64
+    stats: GenerationStats
+
+    @property
+    def new_tokens(self) -> torch.Tensor:
+        return self.sequences[0, self.sequences.shape[1] - self.stats.new_tokens:]
+
+
+def _as_runner(model):
+    if isinstance(model, torch.nn.Module):
+        return HFRunner(model)
+    return model  # already a Runner
+
+
+def _eos_set(eos_token_id, model) -> set[int]:
+    if eos_token_id is None:
+        gc = getattr(model, "generation_config", None)
+        eos_token_id = getattr(gc, "eos_token_id", None) if gc is not None else None
+    if eos_token_id is None:
+        return set()
+    if isinstance(eos_token_id, torch.Tensor):
+        eos_token_id = eos_token_id.tolist()
+    return {int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple, set)) else [eos_token_id])}
+
+
+def _check_prompt(input_ids) -> torch.Tensor:
+    ids = torch.as_tensor(input_ids)
+    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
+    if ids.dim() == 2:
+        if ids.shape[0] != 1:
+            raise ValueError(f"specdec.generate decodes one sequence at a time, got batch {ids.shape[0]}; "
+                             "loop over the rows (specdec.accelerate(model).generate does this for you)")
+        ids = ids[0]
+    if ids.dim() != 1:
+        raise ValueError(f"input_ids must be [seq] or [1, seq], got shape {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise ValueError("empty prompt: input_ids has no tokens; give at least one token (e.g. BOS)")
+    return ids.long()
+
+
+def _check_drafter(drafter, runner) -> None:
+    dv = getattr(drafter, "vocab_size", None)
+    if dv is not None and dv != runner.vocab_size:
+        raise ValueError(f"draft and target vocabularies differ: drafter has {dv} logits, target "
+                         f"{runner.vocab_size}. The draft model must share the target's tokenizer.")
+    dd = getattr(drafter, "device", None)
+    if dd is not None and torch.device(dd) != torch.device(runner.device):
+        raise ValueError(f"draft model is on {dd} but the target is on {runner.device}; "
+                         "move both to the same device")
+
+
+@torch.no_grad()
+def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens: int = 128,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+             presence_penalty: float = 0.0, eos_token_id=None, pad_token_id=None, streamer=None,
+             seed: int | None = None, generator: torch.Generator | None = None,
+             budget: TreeBudget | None = None) -> GenerationOutput:
+    """Lossless speculative decoding of one sequence.
+
+    ``model`` is a transformers causal LM (or a specdec Runner); ``drafter`` proposes
+    token trees (None = plain decoding). Returns the sequences [1, prompt + new] and
+    stats (steps, tau, acceptance histogram, draft / verify time)."""
+    t_start = time.perf_counter()
+    if max_new_tokens is None or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    sp = SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k or 0, top_p=top_p,
+                        repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                        presence_penalty=presence_penalty)
+    budget = budget or TreeBudget()
+    prompt = _check_prompt(input_ids)
+    runner = _as_runner(model)
+    drafter = drafter or NoDrafter()
+    _check_drafter(drafter, runner)
+    if prompt.numel() > runner.max_length:
+        raise ValueError(f"prompt has {prompt.numel()} tokens but the model's context is "
+                         f"{runner.max_length}; truncate the prompt")
+    if int(prompt.max()) >= runner.vocab_size or int(prompt.min()) < 0:
+        raise ValueError(f"prompt holds token ids outside the model's vocabulary [0, {runner.vocab_size})")
+    eos = _eos_set(eos_token_id, model)
+    device = runner.device
+    if generator is None and seed is not None:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    stats = GenerationStats()
+    tokens = prompt.tolist()
+    runner.reset()
+    drafter.reset(prompt)
+    if streamer is not None:
+        streamer.put(prompt[None].cpu())
+    if len(tokens) > 1:  # the last prompt token is the first root: it runs with the first tree
+        t0 = time.perf_counter()
+        runner.forward(prompt[:-1].to(device), torch.arange(len(tokens) - 1, device=device))
+        stats.prefill_time_s = time.perf_counter() - t0
+    base_counts = torch.bincount(prompt, minlength=runner.vocab_size).float().to(device) \
+        if sp.has_penalties else None
+    stop = max_new_tokens == 0
+    while not stop:
+        remaining = max_new_tokens - stats.new_tokens
+        room = runner.max_length - len(tokens)  # positions left for the tree's nodes
+        if room < 0:
+            warnings.warn(f"reached the model's context length {runner.max_length}; stopping early")
+            break
+        step_budget = TreeBudget(max_nodes=min(budget.max_nodes, room),
+                                 max_depth=min(budget.max_depth, remaining - 1, room))
+        t0 = time.perf_counter()
+        request = DraftRequest(torch.tensor(tokens), step_budget, sp, generator)
+        tree = drafter.propose(request) if step_budget.max_depth > 0 else TokenTree.empty()
+        tree = _fit(tree, step_budget, runner.vocab_size)
+        t1 = time.perf_counter()
+
+        L = runner.length  # == len(tokens) - 1: the root is not cached yet
+        parents_r, mask_r = tree.with_root()
+        n = len(tree)
+        inp = torch.cat([torch.tensor([tokens[-1]]), tree.tokens.cpu()]).to(device)
+        pos = (L + torch.cat([torch.zeros(1, dtype=torch.long), tree.depth.cpu()])).to(device)
+        logits = runner.forward(inp, pos, tree_mask=mask_r.to(device))[:, :runner.vocab_size]  # [n+1, V]
+        counts = context_counts(base_counts, tree.to(device)) if sp.has_penalties else None
+        processed = process(logits, sp, counts)
+        if sp.do_sample:
+            acc = accept_sampling(tree, torch.softmax(processed, -1).cpu(), generator)
+        else:
+            acc = accept_greedy(tree.to("cpu"), processed.cpu())
+        runner.keep(L, torch.tensor([0] + [i + 1 for i in acc.accepted_nodes], device=device))
+        new = [int(tree.tokens[i]) for i in acc.accepted_nodes] + [acc.bonus_token]
+        new, stop = _truncate(new, eos, remaining)
+        stats.verify_time_s += time.perf_counter() - t1
+        stats.draft_time_s += t1 - t0
+
+        tokens.extend(new)
+        stats.steps += 1
+        stats.new_tokens += len(new)
+        stats.accepted_per_step.append(len(acc.accepted_nodes))
+        stats.tree_sizes.append(n)
+        if base_counts is not None:
+            base_counts += torch.bincount(torch.tensor(new, device=device), minlength=runner.vocab_size)
+        if streamer is not None:
+            streamer.put(torch.tensor(new))
+        if not stop:
+            drafter.update(VerifyResult(tree, acc.accepted_nodes, torch.tensor(new), torch.tensor(tokens), logits))
+    if streamer is not None:
+        streamer.end()
+    stats.total_time_s = time.perf_counter() - t_start
+    return GenerationOutput(torch.tensor(tokens, device=prompt.device)[None], stats)
+
+
+def _fit(tree: TokenTree, budget: TreeBudget, vocab: int) -> TokenTree:
+    """Enforce the step budget on whatever a drafter returned."""
+    if len(tree) == 0:
+        return tree
+    if int(tree.tokens.max()) >= vocab or int(tree.tokens.min()) < 0:
+        raise ValueError("drafter proposed token ids outside the target's vocabulary")
+    tree = tree.truncate(budget.max_nodes)
+    if int(tree.depth.max()) > budget.max_depth:
+        keep = (tree.depth <= budget.max_depth).nonzero().flatten()
+        # nodes deeper than the budget have all descendants deeper too: dropping them keeps order
+        remap = torch.full((len(tree),), -1, dtype=torch.long)
+        remap[keep] = torch.arange(keep.numel())
+        parents = tree.parents[keep]
+        parents = torch.where(parents >= 0, remap[parents.clamp(min=0)], parents)
+        dp = None if tree.draft_probs is None else tree.draft_probs[keep]
+        tree = TokenTree(tree.tokens[keep], parents, dp)
+    return tree
+
+
+def _truncate(new: list[int], eos: set[int], remaining: int) -> tuple[list[int], bool]:
+    """Cut the committed tokens at the first EOS (kept) or at max_new_tokens."""
+    for i, t in enumerate(new):
+        if t in eos:
+            return new[: min(i + 1, remaining)], True
+    if len(new) >= remaining:
+        return new[:remaining], True
+    return new, False

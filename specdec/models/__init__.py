@@ -1,0 +1,1 @@
+"""Compact model definitions for the fast runtime."""

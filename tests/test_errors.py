@@ -1,0 +1,79 @@
+"""Bad input gets a clear error, never a crash deep inside a model or wrong tokens."""
+import pytest
+import torch
+
+import specdec
+
+from conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_model("llama")
+
+
+def test_vocab_mismatch(target):
+    draft = tiny_model("llama", vocab=80, layers=1)
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        specdec.generate(target, torch.tensor([[1, 2, 3]]), drafter=specdec.ModelDrafter(draft))
+
+
+def test_prompt_longer_than_context(target):
+    ids = torch.zeros(1, target.config.max_position_embeddings + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="context"):
+        specdec.generate(target, ids, max_new_tokens=1)
+
+
+def test_empty_prompt(target):
+    with pytest.raises(ValueError, match="empty prompt"):
+        specdec.generate(target, torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_negative_max_new_tokens(target):
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        specdec.generate(target, torch.tensor([[1, 2]]), max_new_tokens=-1)
+
+
+def test_models_on_different_devices(target):
+    draft = tiny_model("llama", layers=1).to("meta")
+    with pytest.raises(ValueError, match="same device"):
+        specdec.generate(target, torch.tensor([[1, 2]]), drafter=specdec.ModelDrafter(draft))
+
+
+def test_batch_larger_than_one(target):
+    with pytest.raises(ValueError, match="one sequence at a time"):
+        specdec.generate(target, torch.tensor([[1, 2], [3, 4]]))
+
+
+def test_token_ids_outside_vocab(target):
+    with pytest.raises(ValueError, match="vocabulary"):
+        specdec.generate(target, torch.tensor([[1, 500]]))
+
+
+def test_nan_logits():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="NaN"):
+        specdec.generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=3)
+
+
+def test_bad_sampling_params(target):
+    with pytest.raises(ValueError, match="temperature"):
+        specdec.generate(target, torch.tensor([[1, 2]]), do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        specdec.generate(target, torch.tensor([[1, 2]]), do_sample=True, top_p=1.5)
+
+
+def test_unknown_drafter_name():
+    with pytest.raises(ValueError, match="unknown drafter"):
+        specdec.drafters.make("nope")
+
+
+def test_encoder_decoder_rejected():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    model = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                                num_heads=2))
+    with pytest.raises(ValueError, match="decoder-only"):
+        specdec.generate(model, torch.tensor([[1, 2]]))

@@ -73,7 +73,7 @@ def cuda_extensions():
         return []
     if torch.version.cuda is None or CUDA_HOME is None or not (ROOT / "csrc" / "cuda").exists():
         return []
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.c*"))
+    sources = sorted(str(p.relative_to(ROOT)) for ext in ("*.cu", "*.cpp") for p in (ROOT / "csrc" / "cuda").glob(ext))
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0")
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     return [CUDAExtension("specdec._C_cuda", sources, include_dirs=[str(ROOT / "csrc")],

@@ -60,10 +60,30 @@ class GenerationOutput:
         return self.sequences[0, self.sequences.shape[1] - self.stats.new_tokens:]
 
 
-def _as_runner(model):
-    if isinstance(model, torch.nn.Module):
-        return HFRunner(model)
-    return model  # already a Runner
+BACKENDS = ("auto", "generic", "compact")
+
+
+def _as_runner(model, backend: str, capacity: int):
+    """A Runner for ``model``: the compact static-cache runtime or the generic HF backend.
+
+    "auto" picks the compact runtime on CUDA for supported architectures (one log line
+    says why when it falls back); "compact" requires it; "generic" never uses it."""
+    if not isinstance(model, torch.nn.Module):
+        return model  # already a Runner
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    if backend == "compact" or (backend == "auto" and on_cuda):
+        from .backends.compact import CompactRunner
+        from .models import unsupported_reason
+
+        runner = CompactRunner.from_hf(model, max_length=capacity)
+        if runner is not None:
+            return runner
+        if backend == "compact":
+            raise ValueError(f"backend='compact' does not support this model: {unsupported_reason(model)}; "
+                             "use backend='generic'")
+    return HFRunner(model)
 
 
 def _eos_set(eos_token_id, model) -> set[int]:
@@ -110,12 +130,14 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
              repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
              presence_penalty: float = 0.0, eos_token_id=None, pad_token_id=None, streamer=None,
              seed: int | None = None, generator: torch.Generator | None = None,
-             budget: TreeBudget | None = None) -> GenerationOutput:
+             budget: TreeBudget | None = None, backend: str = "auto") -> GenerationOutput:
     """Lossless speculative decoding of one sequence.
 
     ``model`` is a transformers causal LM (or a specdec Runner); ``drafter`` proposes
     token trees (None = plain decoding). Returns the sequences [1, prompt + new] and
-    stats (steps, tau, acceptance histogram, draft / verify time)."""
+    stats (steps, tau, acceptance histogram, draft / verify time). ``backend``: "auto"
+    (compact static-cache runtime on CUDA when the architecture is supported, else the
+    generic transformers backend), "generic" or "compact"."""
     t_start = time.perf_counter()
     if max_new_tokens is None or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -124,7 +146,7 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
                         presence_penalty=presence_penalty)
     budget = budget or TreeBudget()
     prompt = _check_prompt(input_ids)
-    runner = _as_runner(model)
+    runner = _as_runner(model, backend, prompt.numel() + max_new_tokens + budget.max_nodes + 1)
     drafter = drafter or NoDrafter()
     _check_drafter(drafter, runner)
     if prompt.numel() > runner.max_length:

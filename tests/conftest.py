@@ -6,6 +6,11 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    # Triton kernels are tested on CPU through the interpreter. It must be on before any
+    # @triton.jit kernel is imported; the ops still use the torch references on CPU
+    # unless a test asks for the kernels (SPECDEC_TRITON_ON_CPU=1 / backend.override).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def tiny_model(family: str, vocab: int = 96, layers: int = 2, seed: int = 0, **over):

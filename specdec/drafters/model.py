@@ -21,14 +21,18 @@ class ModelDrafter:
       deterministic proposals.
     After each step the cache is rolled back to the longest prefix it shares with the
     committed tokens, so accepted drafts keep their K/V.
+    ``threshold`` (chain only): stop drafting once the draft's top-1 probability falls
+    below it (that token is not proposed), as in Kangaroo / adaptive draft lengths.
     """
 
-    def __init__(self, model, *, gamma: int = 4, topk: int = 1, width: int | None = None):
+    def __init__(self, model, *, gamma: int = 4, topk: int = 1, width: int | None = None,
+                 threshold: float = 0.0):
         if gamma < 1 or topk < 1:
             raise ValueError("ModelDrafter: gamma and topk must be >= 1")
         self.runner = model if hasattr(model, "keep") and hasattr(model, "forward") and not \
             isinstance(model, torch.nn.Module) else HFRunner(model)
         self.gamma, self.topk = gamma, topk
+        self.threshold = float(threshold)
         self.width = width or topk * 2
         self.vocab_size = self.runner.vocab_size
         self.device = self.runner.device
@@ -82,6 +86,8 @@ class ModelDrafter:
         base = len(self._fed)
         for i in range(depth):
             q = self._probs(logits, request, counts)
+            if self.threshold > 0 and float(q.max()) < self.threshold:
+                break  # the draft is unsure: stop the chain before this token
             if request.sampling.do_sample:
                 tok = int(torch.multinomial(q, 1, generator=request.generator))
             else:
@@ -97,7 +103,7 @@ class ModelDrafter:
                 self._fed.append(tok)
         toks = torch.tensor(drafted, dtype=torch.long)
         parents = torch.arange(len(drafted)) - 1
-        dp = torch.stack(rows).cpu() if request.sampling.do_sample else None
+        dp = torch.stack(rows).cpu() if request.sampling.do_sample and rows else None
         return TokenTree(toks, parents, draft_probs=dp)
 
     def _tree(self, root_logits, depth, request) -> TokenTree:

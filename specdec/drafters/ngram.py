@@ -28,11 +28,13 @@ class NgramDrafter:
     pool_cap:         most (key, continuation) entries kept (least recent evicted).
     max_per_key:      most continuations kept per key.
     native:           None = native index when built; True = require it; False = reference.
+    keep_across_prompts: keep the pool across reset() (a warm start for the next prompt).
     """
 
     def __init__(self, *, max_order: int = 4, num_candidates: int = 8, max_continuation: int = 8,
                  use_target_topk: bool = True, topk: int = 4, pool_cap: int = 65536,
-                 max_per_key: int = 8, topk_all_nodes: bool = False, native: bool | None = None):
+                 max_per_key: int = 8, topk_all_nodes: bool = False, native: bool | None = None,
+                 keep_across_prompts: bool = False):
         if num_candidates < 0 or topk < 0:
             raise ValueError("NgramDrafter: num_candidates and topk must be >= 0")
         self.max_order = int(max_order)
@@ -40,13 +42,15 @@ class NgramDrafter:
         self.use_target_topk = bool(use_target_topk)
         self.topk = int(topk)
         self.topk_all_nodes = bool(topk_all_nodes)
+        self.keep_across_prompts = bool(keep_across_prompts)
         self.index = make_ngram_index(max_order, max_continuation, pool_cap, max_per_key, native=native)
         self._seen = 0  # committed tokens already recorded in the index
 
     # ------------------------------------------------------------- protocol
     def reset(self, prompt: torch.Tensor) -> None:
         """prompt: [T] token ids; seeds the index with it (prompt lookup)."""
-        self.index.clear()
+        if not self.keep_across_prompts:
+            self.index.clear()
         self._seen = 0
         self._sync(prompt)
 

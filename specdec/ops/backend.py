@@ -2,7 +2,8 @@
 
 Everything else asks this module (``backend.native()``, ``backend.use_triton()``)
 instead of try-importing. Tests override with ``backend.override(...)`` or the
-environment variables SPECDEC_DISABLE_NATIVE=1 / SPECDEC_DISABLE_TRITON=1.
+environment variables SPECDEC_DISABLE_NATIVE=1 / SPECDEC_DISABLE_TRITON=1 /
+SPECDEC_TRITON_ON_CPU=1 (with TRITON_INTERPRET=1: run the Triton kernels on CPU tensors).
 """
 from __future__ import annotations
 
@@ -58,12 +59,16 @@ def has_triton() -> bool:
 
 
 def use_triton(device: torch.device) -> bool:
-    """Triton kernels on CUDA, or anywhere under TRITON_INTERPRET=1."""
+    """Triton kernels on CUDA. On CPU tensors only when asked for (override(triton=True)
+    or SPECDEC_TRITON_ON_CPU=1) and TRITON_INTERPRET=1: that is how tests check kernels
+    without a GPU, while the CPU fast paths stay on the torch references."""
     if not has_triton():
         return False
     if _overrides.get("triton") is True:
         return True
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("SPECDEC_TRITON_ON_CPU") == "1"
 
 
 def has_flash_attn() -> bool:

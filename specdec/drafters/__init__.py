@@ -6,9 +6,10 @@ from .model import ModelDrafter
 from .ngram import NgramDrafter
 
 
-def _model_drafter(target=None, draft_model=None, **kw):
+def _load_draft_model(target, draft_model, name: str):
+    """A draft model object from a model or a local path, on the target's device/dtype."""
     if draft_model is None:
-        raise ValueError("drafter 'model' needs draft_model= (a transformers model or a local path)")
+        raise ValueError(f"drafter {name!r} needs draft_model= (a transformers model or a local path)")
     if isinstance(draft_model, str):
         from transformers import AutoModelForCausalLM
 
@@ -16,7 +17,11 @@ def _model_drafter(target=None, draft_model=None, **kw):
         draft_model = AutoModelForCausalLM.from_pretrained(draft_model, dtype=dtype).eval()
         if target is not None:
             draft_model = draft_model.to(next(target.parameters()).device)
-    return ModelDrafter(draft_model, **kw)
+    return draft_model
+
+
+def _model_drafter(target=None, draft_model=None, **kw):
+    return ModelDrafter(_load_draft_model(target, draft_model, "model"), **kw)
 
 
 # name -> factory(target=..., **options)
@@ -30,7 +35,9 @@ NAMES = tuple(_FACTORIES)
 
 def register(name: str, factory) -> None:
     """Add a drafter factory ``factory(target=..., **options) -> Drafter`` under ``name``."""
+    global NAMES
     _FACTORIES[name] = factory
+    NAMES = tuple(_FACTORIES)
 
 
 def make(name: str, *, target=None, **options) -> Drafter:
@@ -42,3 +49,39 @@ def make(name: str, *, target=None, **options) -> Drafter:
 
 __all__ = ["Drafter", "DraftRequest", "VerifyResult", "NoDrafter", "ModelDrafter", "NgramDrafter",
            "make", "register", "NAMES"]
+
+
+# --- Token Recycling (drafters/recycling.py) and early-exit self-drafting (drafters/early_exit.py)
+def _recycling_drafter(target=None, **kw):
+    from .recycling import RecyclingDrafter
+
+    return RecyclingDrafter(target, **kw)
+
+
+def _early_exit_drafter(target=None, **kw):
+    if target is None:
+        raise ValueError("drafter 'early_exit' drafts with the target's own layers: pass target=")
+    from .early_exit import EarlyExitDrafter
+
+    return EarlyExitDrafter(target, **kw)
+
+
+register("recycling", _recycling_drafter)
+register("early_exit", _early_exit_drafter)
+
+
+# --- combinations (drafters/merged.py, drafters/dual.py)
+def _merged_drafter(target=None, names=("ngram", "recycling"), **kw):
+    from .merged import MergedDrafter
+
+    return MergedDrafter([make(n, target=target) for n in names])
+
+
+def _dual_drafter(target=None, draft_model=None, **kw):
+    from .dual import make_dual_drafter
+
+    return make_dual_drafter(_load_draft_model(target, draft_model, "dual"), **kw)
+
+
+register("ngram+recycling", _merged_drafter)
+register("dual", _dual_drafter)

@@ -119,17 +119,25 @@ class AttnMeta:
     [m, n - prefix_len] (None = causal by cache slot). Sliding-window layers also
     require ``query_pos - key_pos < window`` (absolute positions, as transformers)."""
 
-    def __init__(self, start: int, query_pos: torch.Tensor, key_pos: torch.Tensor,
-                 tree_mask: torch.Tensor | None, mask_start: int | None):
-        self.start = start  # cache length before this forward
+    def __init__(self, start: int | torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor | None,
+                 tree_mask: torch.Tensor | None, mask_start: int | None, *, slots: torch.Tensor | None = None):
+        self.start = start  # cache length before this forward (a [1] int64 device tensor when graph-safe)
         self.m = query_pos.shape[0]
-        self.n = start + self.m
+        self.n = start + self.m if slots is None else None  # keys visible (host int; None when graph-safe)
         self.query_pos = query_pos  # [m]
-        self.key_pos = key_pos  # [n]
-        self.tree_mask = tree_mask  # [m, n - prefix_len] bool or None
+        self.key_pos = key_pos  # [n] (None when graph-safe)
+        self.tree_mask = tree_mask  # [m, n - prefix_len] bool or None; graph-safe: [m, m] bool or packed
         self.prefix_len = start if tree_mask is None or mask_start is None else mask_start
+        # Graph-safe forwards (CompactModel.forward_static): the [m] int64 cache slots written,
+        # start + arange(m), on the device. None for ordinary forwards.
+        self.slots = slots
         self._masks: dict[int | None, torch.Tensor | None] = {}
         self._self_mask: torch.Tensor | None = None
+
+    @property
+    def write_at(self) -> int | torch.Tensor:
+        """Where this forward's K/V go: the start slot, or the [m] slot tensor (graph-safe)."""
+        return self.start if self.slots is None else self.slots
 
     def self_mask(self) -> torch.Tensor:
         """[1, 1] True: a one-token decode step as a one-node tree."""
@@ -167,6 +175,12 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     whenever the cache holds exactly the committed tokens. Forwards that mask cached
     entries (mask_start < length) or soft-cap logits use the dense path below, which
     reads every key's recorded position."""
+    if meta.slots is not None:  # graph-safe: the prefix length lives on the device
+        if softcap is not None:
+            raise ValueError("graph-safe forward: attention logit soft-capping needs the dense path, "
+                             "which slices the cache by a host length")
+        return attn_ops.tree_attention(q, k_cache, v_cache, meta.start, meta.tree_mask,
+                                       query_pos=meta.query_pos, window=window, scale=scale)
     n = meta.n
     if softcap is None and meta.prefix_len == meta.start:
         if meta.tree_mask is not None:
@@ -257,13 +271,43 @@ class CompactModel(nn.Module):
         m tokens' K/V at cache slots [length, length + m); see AttnMeta for masking."""
         start = cache.reserve(positions)
         meta = AttnMeta(start, positions, cache.pos[:start + positions.shape[0]], tree_mask, mask_start)
+        logits = self._run(input_ids, positions, cache, meta)
+        cache.advance(positions.shape[0])
+        return logits
+
+    def forward_static(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
+                       start: torch.Tensor, tree_mask: torch.Tensor) -> torch.Tensor:
+        """The graph-safe forward: no host syncs, every shape fixed by m, so a CUDA graph
+        captured once replays at any cache length.
+
+        input_ids [m], positions [m] int64, start [1] int64 on the cache's device (the cache
+        length: every cached key is visible), tree_mask [m, m] bool or packed int32
+        (``ops.attention.pack_tree_mask``) over the m new tokens. Writes their K/V and
+        positions at slots start + arange(m) with index_copy_ and leaves ``cache.length``
+        to the caller (``cache.advance``); the caller also checks that the slots fit.
+        Attention is ``ops.tree_attention`` with the device length (see
+        ``static_forward_issue`` for what this path does not cover). Returns logits
+        [m, vocab] (model dtype)."""
+        slots = start + torch.arange(input_ids.shape[0], device=start.device)  # [m] int64
+        cache.pos.index_copy_(0, slots, positions)
+        meta = AttnMeta(start, positions, None, tree_mask, None, slots=slots)
+        return self._run(input_ids, positions, cache, meta)
+
+    def static_forward_issue(self) -> str | None:
+        """Why ``forward_static`` cannot run this model, or None."""
+        for i, layer in enumerate(self.model.layers):
+            if getattr(layer.self_attn, "softcap", None) is not None:
+                return f"layer {i} soft-caps attention logits (dense attention path, host-sliced)"
+        return None
+
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
+             meta: AttnMeta) -> torch.Tensor:
         x = self.embed(input_ids)  # [m, hidden]
         rope = {key: rope_cos_sin(getattr(self, f"inv_freq_{key}"), getattr(self, f"rope_scale_{key}"),
                                   positions, x.dtype) for key in self.rope_keys}
         for i, layer in enumerate(self.model.layers):
             x = layer(x, rope[layer.rope_key], cache, i, meta)
-        cache.advance(positions.shape[0])
-        return self.logits(self.model.norm(x))
+        return self.logits(self.model.norm(x))  # [m, vocab]
 
     # --- loading
     @classmethod

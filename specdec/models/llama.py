@@ -49,7 +49,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
-        cache.write(layer, meta.start, k, v)
+        cache.write(layer, meta.write_at, k, v)  # a start slot, or [m] slots (graph-safe)
         o = _attend(q, cache.k[layer], cache.v[layer], meta,  # cache.k[layer]: [Hkv, S_max, D]
                     window=self.window, scale=self.scale, softcap=self.softcap)  # [m, Hq, D]
         return self.o_proj(o.reshape(m, -1))  # [m, hidden]

@@ -41,6 +41,7 @@ class Context:
     top_p: float = 1.0
     draft_model: torch.nn.Module | None = None
     drafter_opts: dict = field(default_factory=dict)  # {drafter name: {option: value}}
+    adaptive: bool = False  # specdec's adaptive budget (False: the fixed default TreeBudget)
 
     @property
     def pad_token_id(self) -> int:
@@ -207,7 +208,8 @@ class SpecdecMethod(Method):
         out = specdec.generate(self.target, ids.to(ctx.device), drafter=self.drafter,
                                max_new_tokens=ctx.max_new_tokens if max_new_tokens is None else max_new_tokens,
                                do_sample=ctx.do_sample, temperature=ctx.temperature, top_k=ctx.top_k,
-                               top_p=ctx.top_p, eos_token_id=ctx.eos_token_id, seed=seed)
+                               top_p=ctx.top_p, eos_token_id=ctx.eos_token_id, seed=seed,
+                               adaptive=ctx.adaptive)
         sync(ctx.device)
         wall = time.perf_counter() - t0
         s = out.stats

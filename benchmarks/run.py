@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--assist-tokens", default="3,5,8", help="num_assistant_tokens values for hf_assisted_k*")
     p.add_argument("--lookup-tokens", default="3,10", help="prompt_lookup_num_tokens values")
     p.add_argument("--compact", action="store_true", help="also run specdec_compact_* (compact runtime)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="specdec methods choose each step's budget adaptively (default: fixed TreeBudget())")
     p.add_argument("--drafter-opts", default="{}", help='JSON: {"ngram": {"max_continuation": 10}, ...}')
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<date>-<device>/)")
@@ -332,7 +334,7 @@ def run_benchmark(args, *, loaded: models.Loaded | None = None, draft: models.Lo
                           max_new_tokens=args.max_new_tokens, eos_token_id=eos, do_sample=args.temperature > 0,
                           temperature=args.temperature if args.temperature > 0 else 1.0, top_k=args.top_k,
                           top_p=args.top_p, draft_model=draft.model if draft else None,
-                          drafter_opts=json.loads(args.drafter_opts))
+                          drafter_opts=json.loads(args.drafter_opts), adaptive=args.adaptive)
     tokenized = datasets.tokenize(selected, loaded.tokenizer, args.chat, loaded.is_instruct)
     prompts, skipped = _fit_prompts(tokenized, loaded.model, args)
     chosen, active, absent = _setup_methods(args, ctx, prompts)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import adaptive as _adaptive
 from .backends.generic import HFRunner
 from .config import SamplingParams, TreeBudget
 from .drafters.base import DraftRequest, Drafter, NoDrafter, VerifyResult
@@ -21,6 +22,7 @@ class GenerationStats:
     new_tokens: int = 0
     accepted_per_step: list[int] = field(default_factory=list)  # drafted tokens kept per step
     tree_sizes: list[int] = field(default_factory=list)
+    budgets: list[int] = field(default_factory=list)  # the node budget each step's drafter was given
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
     prefill_time_s: float = 0.0
@@ -45,6 +47,7 @@ class GenerationStats:
                 "mean_accepted_length": self.mean_accepted_length,
                 "acceptance_histogram": self.acceptance_histogram,
                 "mean_tree_size": sum(self.tree_sizes) / max(1, len(self.tree_sizes)),
+                "mean_budget": sum(self.budgets) / max(1, len(self.budgets)),
                 "draft_time_s": self.draft_time_s, "verify_time_s": self.verify_time_s,
                 "prefill_time_s": self.prefill_time_s, "total_time_s": self.total_time_s,
                 "tokens_per_second": self.tokens_per_second}
@@ -130,24 +133,35 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
              repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
              presence_penalty: float = 0.0, eos_token_id=None, pad_token_id=None, streamer=None,
              seed: int | None = None, generator: torch.Generator | None = None,
-             budget: TreeBudget | None = None, backend: str = "auto") -> GenerationOutput:
+             budget: TreeBudget | None = None, backend: str = "auto",
+             adaptive: bool | _adaptive.BudgetController = True) -> GenerationOutput:
     """Lossless speculative decoding of one sequence.
 
     ``model`` is a transformers causal LM (or a specdec Runner); ``drafter`` proposes
     token trees (None = plain decoding). Returns the sequences [1, prompt + new] and
     stats (steps, tau, acceptance histogram, draft / verify time). ``backend``: "auto"
     (compact static-cache runtime on CUDA when the architecture is supported, else the
-    generic transformers backend), "generic" or "compact"."""
+    generic transformers backend), "generic" or "compact". ``adaptive``: a
+    ``specdec.adaptive.BudgetController`` (or True: the drafter's own, else one kept per
+    target; greedy only, so sampling stays reproducible per seed) picks each step's
+    budget for throughput; an explicit ``budget`` pins it (with a controller given, it
+    caps the choice)."""
     t_start = time.perf_counter()
     if max_new_tokens is None or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     sp = SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k or 0, top_p=top_p,
                         repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
                         presence_penalty=presence_penalty)
-    budget = budget or TreeBudget()
+    drafting = drafter is not None and not isinstance(drafter, NoDrafter)
+    controller, choosing = _adaptive.resolve(adaptive, budget, model, drafter if drafting else None,
+                                             sampling=sp.do_sample)
+    cap = budget or (controller.max_budget if choosing else TreeBudget())  # the most any step may draft
     prompt = _check_prompt(input_ids)
-    runner = _as_runner(model, backend, prompt.numel() + max_new_tokens + budget.max_nodes + 1)
+    runner = _as_runner(model, backend, prompt.numel() + max_new_tokens + cap.max_nodes + 1)
     drafter = drafter or NoDrafter()
+    key = _adaptive.drafter_key(drafter)
+    if controller is not None:
+        controller.attach(runner, model)
     _check_drafter(drafter, runner)
     if prompt.numel() > runner.max_length:
         raise ValueError(f"prompt has {prompt.numel()} tokens but the model's context is "
@@ -178,8 +192,9 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
         if room < 0:
             warnings.warn(f"reached the model's context length {runner.max_length}; stopping early")
             break
-        step_budget = TreeBudget(max_nodes=min(budget.max_nodes, room),
-                                 max_depth=min(budget.max_depth, remaining - 1, room))
+        chosen = controller.choose(key) if choosing else cap
+        step_budget = TreeBudget(max_nodes=min(chosen.max_nodes, cap.max_nodes, room),
+                                 max_depth=min(chosen.max_depth, cap.max_depth, remaining - 1, room))
         t0 = time.perf_counter()
         request = DraftRequest(torch.tensor(tokens), step_budget, sp, generator)
         tree = drafter.propose(request) if step_budget.max_depth > 0 else TokenTree.empty()
@@ -193,22 +208,27 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
         pos = (L + torch.cat([torch.zeros(1, dtype=torch.long), tree.depth.cpu()])).to(device)
         logits = runner.forward(inp, pos, tree_mask=mask_r.to(device))[:, :runner.vocab_size]  # [n+1, V]
         counts = context_counts(base_counts, tree.to(device)) if sp.has_penalties else None
-        processed = process(logits, sp, counts)
+        processed = process(logits, sp, counts, check_nan=False)  # NaNs: checked in accept_*
         if sp.do_sample:
-            acc = accept_sampling(tree, torch.softmax(processed, -1).cpu(), generator)
+            acc = accept_sampling(tree, torch.softmax(processed, -1), generator)
         else:
-            acc = accept_greedy(tree.to("cpu"), processed.cpu())
+            acc = accept_greedy(tree, processed)  # on CUDA: device path selection, one transfer
         runner.keep(L, torch.tensor([0] + [i + 1 for i in acc.accepted_nodes], device=device))
         new = [int(tree.tokens[i]) for i in acc.accepted_nodes] + [acc.bonus_token]
         new, stop = _truncate(new, eos, remaining)
-        stats.verify_time_s += time.perf_counter() - t1
+        t2 = time.perf_counter()
+        stats.verify_time_s += t2 - t1
         stats.draft_time_s += t1 - t0
+        if controller is not None:
+            controller.observe(key, n, len(acc.accepted_nodes), t1 - t0, t2 - t1, tree=tree,
+                               accepted_nodes=acc.accepted_nodes, budget=step_budget)
 
         tokens.extend(new)
         stats.steps += 1
         stats.new_tokens += len(new)
         stats.accepted_per_step.append(len(acc.accepted_nodes))
         stats.tree_sizes.append(n)
+        stats.budgets.append(step_budget.max_nodes)
         if base_counts is not None:
             base_counts += torch.bincount(torch.tensor(new, device=device), minlength=runner.vocab_size)
         if streamer is not None:
@@ -236,7 +256,8 @@ def _fit(tree: TokenTree, budget: TreeBudget, vocab: int) -> TokenTree:
         parents = tree.parents[keep]
         parents = torch.where(parents >= 0, remap[parents.clamp(min=0)], parents)
         dp = None if tree.draft_probs is None else tree.draft_probs[keep]
-        tree = TokenTree(tree.tokens[keep], parents, dp)
+        sc = None if tree.scores is None else tree.scores[keep]
+        tree = TokenTree(tree.tokens[keep], parents, dp, sc)
     return tree
 
 

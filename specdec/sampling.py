@@ -11,6 +11,7 @@ import torch
 
 from .config import SamplingParams
 from .ops import greedy_accept
+from .ops.accept import greedy_accept_device, tree_rejection_sample, tree_uniforms
 from .tree import TokenTree
 
 
@@ -60,11 +61,14 @@ def warp(logits: torch.Tensor, sp: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def process(logits: torch.Tensor, sp: SamplingParams, counts: torch.Tensor | None = None) -> torch.Tensor:
-    """Raw logits [m, vocab] -> processed logits (greedy: penalties only, like HF)."""
-    if torch.isnan(logits).any():
-        raise FloatingPointError("the model produced NaN logits; check the weights and dtype "
-                                 "(fp16 overflow is a common cause: try bfloat16 or float32)")
+def process(logits: torch.Tensor, sp: SamplingParams, counts: torch.Tensor | None = None,
+            check_nan: bool = True) -> torch.Tensor:
+    """Raw logits [m, vocab] -> processed logits (greedy: penalties only, like HF).
+
+    ``check_nan=False`` skips the NaN check (a host sync); the acceptance functions
+    check their inputs in the step's single transfer instead."""
+    if check_nan and torch.isnan(logits).any():
+        raise FloatingPointError(NAN_MESSAGE)
     if sp.has_penalties:
         if counts is None:
             raise ValueError("penalties need the context token counts")
@@ -85,12 +89,35 @@ class Acceptance:
     bonus_token: int
 
 
+def _read_back(path: torch.Tensor, num: torch.Tensor, bonus: torch.Tensor, bad: torch.Tensor) -> Acceptance:
+    """The step's one device-to-host transfer: [num, bonus, nan flag, path...]."""
+    packed = torch.cat([num.view(1), bonus.view(1), bad.view(1).long(), path.view(-1)]).tolist()
+    if packed[2]:
+        raise FloatingPointError(NAN_MESSAGE)
+    return Acceptance(packed[3:3 + packed[0]], packed[1])
+
+
+NAN_MESSAGE = ("the model produced NaN logits; check the weights and dtype "
+               "(fp16 overflow is a common cause: try bfloat16 or float32)")
+
+
 def accept_greedy(tree: TokenTree, processed_logits: torch.Tensor) -> Acceptance:
-    """processed_logits [n + 1, vocab]: longest path matching the argmax, plus bonus."""
-    argmax = processed_logits.argmax(dim=-1)
-    path = greedy_accept(tree.parents, tree.tokens, argmax) if len(tree) else []
-    row = path[-1] + 1 if path else 0
-    return Acceptance(path, int(argmax[row]))
+    """processed_logits [n + 1, vocab]: longest path matching the argmax, plus bonus.
+
+    On CUDA the path is chosen on the device (``ops.greedy_accept_device``); on CPU by
+    the native host op. Either way one transfer brings the result back."""
+    dev = processed_logits.device
+    argmax = processed_logits.argmax(dim=-1)  # [n + 1]
+    bad = torch.isnan(processed_logits).any()
+    if dev.type == "cuda" and len(tree):
+        path, num, bonus = greedy_accept_device(tree.parents.to(dev), tree.tokens.to(dev), argmax)
+        return _read_back(path, num, bonus, bad)
+    packed = torch.cat([bad.view(1).long(), argmax]).cpu()
+    if packed[0]:
+        raise FloatingPointError(NAN_MESSAGE)
+    argmax = packed[1:]
+    path = greedy_accept(tree.parents.cpu(), tree.tokens.cpu(), argmax) if len(tree) else []
+    return Acceptance(path, int(argmax[path[-1] + 1 if path else 0]))
 
 
 def accept_sampling(tree: TokenTree, target_probs: torch.Tensor,
@@ -102,32 +129,13 @@ def accept_sampling(tree: TokenTree, target_probs: torch.Tensor,
     accepted with probability min(1, p(x_c) / q_c(x_c)); on rejection
     p <- normalize(max(p - q_c, 0)). If no child is accepted, the bonus token is drawn
     from the residual p. Siblings with draft_probs must be i.i.d. draws from the same q.
+    The rule and its exact arithmetic live in ``ops.accept`` (Triton on CUDA, the
+    torch reference elsewhere); the uniforms come from ``generator``.
     """
-    children = tree.children()
-    tokens = tree.tokens.tolist()
-    dp = tree.draft_probs
-    node, path = -1, []
-    while True:
-        p = target_probs[node + 1].clone()
-        nxt = None
-        for c in children[node + 1]:
-            x = tokens[c]
-            q_x = 1.0 if dp is None else float(dp[c, x])
-            u = torch.rand((), generator=generator, device=p.device)
-            if q_x > 0 and float(u) * q_x < float(p[x]):  # u < p(x)/q(x)
-                nxt = c
-                break
-            if dp is None:
-                p[x] = 0.0
-            else:
-                p = torch.clamp(p - dp[c].to(p.dtype), min=0.0)
-            total = p.sum()
-            if total <= 0:  # p == q exactly: every mass was proposed; nothing left to reject into
-                p = target_probs[node + 1].clone()
-                break
-            p = p / total
-        if nxt is None:
-            bonus = int(torch.multinomial(p, 1, generator=generator))
-            return Acceptance(path, bonus)
-        path.append(nxt)
-        node = nxt
+    dev = target_probs.device
+    n = len(tree)
+    uniforms = tree_uniforms(n, generator=generator).to(dev)  # [n + 1]
+    dp = None if tree.draft_probs is None else tree.draft_probs.to(dev)
+    bad = torch.isnan(target_probs).any()
+    path, num, bonus = tree_rejection_sample(tree.parents.to(dev), tree.tokens.to(dev), target_probs, uniforms, dp)
+    return _read_back(path, num, bonus, bad)

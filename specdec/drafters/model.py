@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..adaptive import drafter_key
 from ..backends.generic import HFRunner
 from ..sampling import apply_penalties, probs_from_logits
 from ..tree import ROOT, TokenTree
@@ -23,16 +24,21 @@ class ModelDrafter:
     committed tokens, so accepted drafts keep their K/V.
     ``threshold`` (chain only): stop drafting once the draft's top-1 probability falls
     below it (that token is not proposed), as in Kangaroo / adaptive draft lengths.
+    ``controller`` (a ``specdec.adaptive.BudgetController``): the chain stops by its
+    calibrated SpecDec++ rule, and trees grow by calibrated acceptance estimates
+    (``DynamicTreeBuilder``); ``generate`` then also lets it pick each step's budget.
+    Chain nodes carry ``scores`` (cumulative draft probability) for calibration.
     """
 
     def __init__(self, model, *, gamma: int = 4, topk: int = 1, width: int | None = None,
-                 threshold: float = 0.0):
+                 threshold: float = 0.0, controller=None):
         if gamma < 1 or topk < 1:
             raise ValueError("ModelDrafter: gamma and topk must be >= 1")
         self.runner = model if hasattr(model, "keep") and hasattr(model, "forward") and not \
             isinstance(model, torch.nn.Module) else HFRunner(model)
         self.gamma, self.topk = gamma, topk
         self.threshold = float(threshold)
+        self.controller = controller
         self.width = width or topk * 2
         self.vocab_size = self.runner.vocab_size
         self.device = self.runner.device
@@ -79,21 +85,27 @@ class ModelDrafter:
         root_logits = self._sync(tokens)
         if self.topk == 1:
             return self._chain(root_logits, depth, request, counts)
+        if self.controller is not None:
+            return self._dynamic_tree(root_logits, depth, request)
         return self._tree(root_logits, depth, request)
 
     def _chain(self, logits, depth, request, counts) -> TokenTree:
-        drafted, rows = [], []
+        drafted, rows, scores = [], [], []
         base = len(self._fed)
+        stopper = self.controller.chain_stopper(drafter_key(self)) if self.controller is not None else None
         for i in range(depth):
             q = self._probs(logits, request, counts)
             if self.threshold > 0 and float(q.max()) < self.threshold:
                 break  # the draft is unsure: stop the chain before this token
+            if stopper is not None and not stopper.should_continue(float(q.max()), i + 1):
+                break  # not worth its draft + verify cost (calibrated SpecDec++ rule)
             if request.sampling.do_sample:
                 tok = int(torch.multinomial(q, 1, generator=request.generator))
             else:
                 tok = int(q.argmax())
             drafted.append(tok)
             rows.append(q)
+            scores.append((scores[-1] if scores else 1.0) * float(q[tok]))
             if counts is not None:
                 counts = counts.clone()
                 counts[tok] += 1
@@ -104,7 +116,7 @@ class ModelDrafter:
         toks = torch.tensor(drafted, dtype=torch.long)
         parents = torch.arange(len(drafted)) - 1
         dp = torch.stack(rows).cpu() if request.sampling.do_sample and rows else None
-        return TokenTree(toks, parents, draft_probs=dp)
+        return TokenTree(toks, parents, draft_probs=dp, scores=torch.tensor(scores))
 
     def _tree(self, root_logits, depth, request) -> TokenTree:
         """Level-wise best-first expansion; the scratch K/V is dropped afterwards."""
@@ -144,6 +156,25 @@ class ModelDrafter:
         self.runner.crop(start)
         return TokenTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long),
                          scores=torch.tensor(scores))
+
+    def _dynamic_tree(self, root_logits, depth, request) -> TokenTree:
+        """Best-first by calibrated acceptance (the controller's DynamicTreeBuilder); one
+        draft forward per level over the expanded nodes; the scratch K/V is dropped."""
+        start, fed, dev = self.runner.length, [], self.device  # fed: builder nodes in scratch, in order
+
+        def expand(b, nodes: list[int]) -> torch.Tensor:
+            mask = b.ancestor_mask(nodes, fed + nodes)  # [m, scratch + m]
+            logits = self.runner.forward(torch.tensor([b.tokens[i] for i in nodes], device=dev),
+                                         torch.tensor([start - 1 + b.depths[i] for i in nodes], device=dev),
+                                         tree_mask=mask.to(dev), mask_start=start)
+            fed.extend(nodes)
+            return torch.softmax(logits[:, :self.vocab_size].float(), -1)
+
+        builder = self.controller.tree_builder(drafter_key(self), max_nodes=request.budget.max_nodes,
+                                               max_depth=depth, topk=self.topk, width=self.width)
+        tree = builder.build(torch.softmax(root_logits[:self.vocab_size].float(), -1), expand)
+        self.runner.crop(start)
+        return tree
 
     def update(self, result: VerifyResult) -> None:
         pass  # the next propose() rolls the cache back to the shared prefix

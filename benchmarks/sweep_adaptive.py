@@ -1,0 +1,292 @@
+"""Adaptive drafting vs fixed tree budgets: one drafter, one model, every dataset.
+
+    python -m benchmarks.sweep_adaptive --drafter ngram --limit 20 --max-new-tokens 128
+    python -m benchmarks.sweep_adaptive --drafter model --draft-model DIR --nodes 1,2,4,8,16 --depths 4,8
+
+Runs ``specdec.generate`` with every fixed ``TreeBudget(max_nodes, max_depth)`` of
+``--nodes`` x ``--depths`` (depth capped at the node count, duplicates dropped), then with
+``adaptive=BudgetController`` (one controller for the whole run, so it learns across
+prompts; its verify-latency curve is measured once and cached under
+``~/.cache/specdec/latency/``). Methods run interleaved per prompt, after an excluded
+warm-up. Greedy outputs must all be identical (checked). Writes JSON + Markdown with
+tokens/s and mean accepted length per dataset -- adaptive vs the best, worst and
+default (``TreeBudget()``) fixed settings -- into benchmarks/results/<date>-<device>/.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import shlex
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from . import datasets, models
+from .run import RESULTS_DIR, _fit_prompts, device_name, environment, slug
+
+ADAPTIVE = "adaptive"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.sweep_adaptive", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="as in benchmarks.run (smollm2, gemma3-270m, DIR, FILE.gguf, ...)")
+    p.add_argument("--draft-model", default=None, help="for --drafter model / dual")
+    p.add_argument("--drafter", default="ngram", help="a name of specdec.drafters.NAMES")
+    p.add_argument("--drafter-opts", default="{}", help='JSON options for the drafter, e.g. {"gamma": 6, "topk": 4}')
+    p.add_argument("--no-drafter-controller", action="store_true",
+                   help="adaptive run: do not hand the controller to the drafter (ModelDrafter: chain stopping, "
+                        "dynamic tree), only let it pick the budget")
+    p.add_argument("--datasets", default="humaneval,gsm8k,mbpp,spec_bench",
+                   help="comma list; datasets whose file is missing from --data-dir are skipped")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--limit", type=int, default=10, help="prompts per dataset")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-prompt-tokens", type=int, default=None)
+    p.add_argument("--chat", choices=["auto", "always", "never"], default="auto")
+    p.add_argument("--nodes", default="1,2,4,8,16,32,64", help="fixed max_nodes values")
+    p.add_argument("--depths", default="4,8", help="fixed max_depth values")
+    p.add_argument("--grid", default=None, help="the controller's node grid (default: --nodes)")
+    p.add_argument("--max-depth", type=int, default=None, help="the controller's depth cap (default: max of --depths)")
+    p.add_argument("--no-latency-sweep", action="store_true", help="learn verify latency online only")
+    p.add_argument("--latency-grid", default="0,1,2,4,8,16,32,64,128", help="tree sizes the latency sweep times")
+    p.add_argument("--dtype", default=None, choices=sorted(models.DTYPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", default="auto", choices=["auto", "generic", "compact"])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<date>-<device>/)")
+    p.add_argument("--tag", default="")
+    args = p.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "bfloat16" if str(args.device).startswith("cuda") else "float32"
+    return args
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in str(s).split(",") if x.strip()]
+
+
+def fixed_budgets(nodes: list[int], depths: list[int]):
+    from specdec import TreeBudget
+
+    seen, out = set(), []
+    for n in nodes:
+        for d in depths:
+            b = TreeBudget(n, min(n, d))
+            if b not in seen:
+                seen.add(b)
+                out.append(b)
+    return out
+
+
+def label(budget) -> str:
+    return f"n{budget.max_nodes}_d{budget.max_depth}"
+
+
+def available_datasets(spec: str, data_dir) -> list[str]:
+    root = datasets.data_dir_or_fail(data_dir)
+    names = datasets.parse_names(spec)
+    keep = [n for n in names if (root / datasets.FILES[n.partition("/")[0]]).exists()]
+    for n in set(names) - set(keep):
+        print(f"{n}: {datasets.FILES[n.partition('/')[0]]} not in {root}; skipped", flush=True)
+    if not keep:
+        raise SystemExit(f"none of {spec} found in {root}")
+    return keep
+
+
+def make_drafter(args, loaded, draft):
+    from specdec import drafters
+
+    opts = json.loads(args.drafter_opts)
+    kw = {"draft_model": draft.model} if draft is not None else {}
+    return drafters.make(args.drafter, target=loaded.model, **kw, **opts)
+
+
+def run_one(runner, ids, drafter, *, max_new_tokens, eos, budget=None, controller=None) -> dict:
+    import specdec
+
+    sync = torch.cuda.synchronize if torch.device(runner.device).type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    kw = {"adaptive": controller} if controller is not None else {"budget": budget}
+    out = specdec.generate(runner, ids.to(runner.device), drafter=drafter, max_new_tokens=max_new_tokens,
+                           eos_token_id=eos, **kw)
+    sync()
+    s = out.stats
+    return {"tokens": out.new_tokens.tolist(), "wall_s": time.perf_counter() - t0, "prefill_s": s.prefill_time_s,
+            "new_tokens": s.new_tokens, "steps": s.steps, "accepted": sum(s.accepted_per_step),
+            "tree_nodes": sum(s.tree_sizes), "budgets": list(s.budgets), "draft_s": s.draft_time_s,
+            "verify_s": s.verify_time_s}
+
+
+def summarise(records: list[dict], methods: list[str], default: str) -> dict:
+    out = {}
+    subsets = list(dict.fromkeys(r["subset"] for r in records))
+    for group in subsets + (["all"] if len(subsets) > 1 else []):
+        rows = {}
+        for m in methods:
+            rs = [r for r in records if r["method"] == m and (group == "all" or r["subset"] == group)]
+            if not rs:
+                continue
+            new, steps = sum(r["new_tokens"] for r in rs), sum(r["steps"] for r in rs)
+            dec = sum(r["wall_s"] - r["prefill_s"] for r in rs)
+            rows[m] = {"prompts": len(rs), "new_tokens": new, "steps": steps,
+                       "tokens_per_s": new / dec if dec > 0 else None,
+                       "mean_accepted_length": new / steps if steps else None,
+                       "mean_tree_size": sum(r["tree_nodes"] for r in rs) / max(1, steps),
+                       "draft_s": sum(r["draft_s"] for r in rs), "verify_s": sum(r["verify_s"] for r in rs),
+                       "exact_match": all(r.get("match", True) for r in rs)}
+            if m == ADAPTIVE:
+                hist = Counter(b for r in rs for b in r["budgets"])
+                rows[m]["budget_histogram"] = {int(k): v for k, v in sorted(hist.items())}
+        fixed = {m: v for m, v in rows.items() if m != ADAPTIVE and v["tokens_per_s"]}
+        best = max(fixed, key=lambda m: fixed[m]["tokens_per_s"]) if fixed else None
+        worst = min(fixed, key=lambda m: fixed[m]["tokens_per_s"]) if fixed else None
+        out[group] = {"methods": rows, "best_fixed": best, "worst_fixed": worst, "default_fixed": default}
+    return out
+
+
+def markdown(results: dict) -> str:
+    s = results["settings"]
+    hw = results["hardware"]
+    lines = [f"# Adaptive drafting sweep: {s['model']['name']}, drafter `{s['drafter']}`", "",
+             f"{hw['device_name']} ({hw['device']}), {s['dtype']}, batch 1, greedy, max_new_tokens "
+             f"{s['max_new_tokens']}, prompts per dataset <= {s['limit']}; torch {results['versions']['torch']}, "
+             f"transformers {results['versions']['transformers']}; {results['date']}.", "",
+             f"Fixed budgets: {', '.join(s['fixed'])}; default `{s['default_fixed']}` (TreeBudget()). Adaptive: "
+             f"BudgetController over max_nodes {s['controller_grid']}, latency curve "
+             f"{'measured' if s['latency_measured'] else 'learned online'}. Decode tokens/s exclude the prefill; "
+             "tau = committed tokens per target forward.", "",
+             "| dataset | adaptive tok/s | tau | best fixed | tok/s | tau | worst fixed | tok/s | default tok/s | tau "
+             "| adaptive / best | adaptive / default | exact |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(v, fmt="{:.1f}"):
+        return "-" if v is None else fmt.format(v)
+
+    for group, g in results["summary"].items():
+        rows = g["methods"]
+        a, b, w, d = (rows.get(k) or {} for k in (ADAPTIVE, g["best_fixed"], g["worst_fixed"], g["default_fixed"]))
+        ratio = lambda x, y: (x["tokens_per_s"] / y["tokens_per_s"]) if x.get("tokens_per_s") and y.get("tokens_per_s") else None  # noqa: E731
+        lines.append(f"| {group} | {f(a.get('tokens_per_s'))} | {f(a.get('mean_accepted_length'), '{:.2f}')} "
+                     f"| {g['best_fixed']} | {f(b.get('tokens_per_s'))} | {f(b.get('mean_accepted_length'), '{:.2f}')} "
+                     f"| {g['worst_fixed']} | {f(w.get('tokens_per_s'))} | {f(d.get('tokens_per_s'))} "
+                     f"| {f(d.get('mean_accepted_length'), '{:.2f}')} | {f(ratio(a, b), '{:.2f}x')} "
+                     f"| {f(ratio(a, d), '{:.2f}x')} | {all(r['exact_match'] for r in rows.values())} |")
+    lines += ["", "## Every setting", "", "| dataset | setting | tok/s | tau | mean tree | draft s | verify s |",
+              "|---|---|---|---|---|---|---|"]
+    for group, g in results["summary"].items():
+        for m, r in g["methods"].items():
+            lines.append(f"| {group} | {m} | {f(r['tokens_per_s'])} | {f(r['mean_accepted_length'], '{:.2f}')} "
+                         f"| {r['mean_tree_size']:.1f} | {r['draft_s']:.2f} | {r['verify_s']:.2f} |")
+    hist = {g: v["methods"].get(ADAPTIVE, {}).get("budget_histogram") for g, v in results["summary"].items()}
+    lines += ["", "Adaptive budget choices (max_nodes: steps): "
+              + "; ".join(f"{g}: {h}" for g, h in hist.items() if h), ""]
+    if results.get("latency"):
+        lat = results["latency"]
+        lines += ["Verify latency curve (ms by tree size): "
+                  + ", ".join(f"{n}: {t * 1e3:.1f}" for n, t in zip(lat["sizes"], lat["times"]) if t is not None), ""]
+    lines.append(f"Command: `{results['command']}`")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None, *, model=None, tokenizer=None) -> int:
+    from specdec import TreeBudget
+    from specdec.adaptive import BudgetController, LatencyModel
+    from specdec.generate import _as_runner
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    args._argv = argv
+    device = torch.device(args.device)
+    if args.threads and device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    names = available_datasets(args.datasets, args.data_dir)
+    if model is not None:
+        loaded = models.Loaded(model, tokenizer or models.ByteTokenizer(model.config.vocab_size),
+                               getattr(model.config, "name_or_path", "") or type(model).__name__)
+    else:
+        print(f"loading {args.model} ({args.dtype}, {device}) ...", flush=True)
+        loaded = models.load(args.model, dtype=args.dtype, device=device, seed=args.seed)
+    draft = models.load(args.draft_model, dtype=args.dtype, device=device, seed=args.seed + 1) \
+        if args.draft_model else None
+    eos = loaded.eos_token_id
+    selected = datasets.select(names, data_dir=args.data_dir, limit=args.limit)
+    prompts, skipped = _fit_prompts(datasets.tokenize(selected, loaded.tokenizer, args.chat, loaded.is_instruct),
+                                    loaded.model, args)
+    longest = max(p.prompt_ids.shape[1] for v in prompts.values() for p in v)
+    fixed = fixed_budgets(_ints(args.nodes), _ints(args.depths))
+    grid = _ints(args.grid) if args.grid else sorted({b.max_nodes for b in fixed})
+    max_depth = args.max_depth or max(_ints(args.depths))
+    capacity = longest + args.max_new_tokens + max(max(grid), max(b.max_nodes for b in fixed)) + 1
+    runner = _as_runner(loaded.model, args.backend, capacity)
+
+    latency = None
+    if not args.no_latency_sweep:
+        print("measuring the verify latency curve (cached per model/dtype/device/backend) ...", flush=True)
+        latency = LatencyModel.for_runner(runner, model=loaded.model, grid=_ints(args.latency_grid))
+    controller = BudgetController(grid=grid, max_depth=max_depth, latency=latency)
+    default = TreeBudget()
+    if default not in fixed:
+        fixed.append(default)
+    methods = [label(b) for b in fixed] + [ADAPTIVE]
+    drafters = {m: make_drafter(args, loaded, draft) for m in methods}
+    if not args.no_drafter_controller and hasattr(drafters[ADAPTIVE], "controller"):
+        drafters[ADAPTIVE].controller = controller
+
+    def go(m, ids, max_new):
+        if m == ADAPTIVE:
+            return run_one(runner, ids, drafters[m], max_new_tokens=max_new, eos=eos, controller=controller)
+        return run_one(runner, ids, drafters[m], max_new_tokens=max_new, eos=eos,
+                       budget=fixed[methods.index(m)])
+
+    first = next(iter(prompts.values()))[0].prompt_ids
+    print(f"warm-up ({len(methods)} settings) ...", flush=True)
+    for m in methods:
+        go(m, first, min(8, args.max_new_tokens))
+    records = []
+    t_start = time.perf_counter()
+    total = sum(len(v) for v in prompts.values())
+    done = 0
+    for subset, items in prompts.items():
+        for p in items:
+            ref = None
+            for m in methods:
+                r = go(m, p.prompt_ids, args.max_new_tokens)
+                ref = r["tokens"] if ref is None else ref
+                records.append({"method": m, "subset": subset, "id": p.id, "match": r["tokens"] == ref,
+                                **{k: v for k, v in r.items() if k != "tokens"}})
+            done += 1
+            print(f"{done}/{total} {subset} {p.id}", flush=True)
+
+    env = environment(args, device)
+    env["command"] = shlex.join(["python", "-m", "benchmarks.sweep_adaptive", *argv])
+    results = {**env, "settings": {
+        "model": models.describe(loaded), "draft_model": models.describe(draft) if draft else None,
+        "drafter": args.drafter, "drafter_opts": json.loads(args.drafter_opts), "dtype": args.dtype,
+        "backend": type(runner).__name__, "max_new_tokens": args.max_new_tokens, "limit": args.limit,
+        "datasets": names, "prompts": {k: len(v) for k, v in prompts.items()}, "skipped_prompts": skipped,
+        "fixed": [label(b) for b in fixed], "default_fixed": label(default), "controller_grid": grid,
+        "controller_max_depth": max_depth, "latency_measured": latency is not None,
+        "drafter_controller": not args.no_drafter_controller, "order": "interleaved per prompt",
+        "warmup": "one 8-token run per setting, excluded", "sweep_s": time.perf_counter() - t_start},
+        "latency": controller.latency.to_json() if controller.latency is not None else None,
+        "summary": summarise(records, methods, label(default)), "records": records}
+    folder = Path(args.out) if args.out else RESULTS_DIR / f"{_dt.date.today().isoformat()}-{slug(device_name(device))}"
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"sweep_adaptive_{slug(loaded.name)}_{slug(args.drafter)}_{args.dtype}" + (f"_{slug(args.tag)}" if args.tag else "")
+    (folder / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
+    md = markdown(results)
+    (folder / f"{stem}.md").write_text(md)
+    print(md)
+    print(f"wrote {folder / stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

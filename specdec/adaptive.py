@@ -1,0 +1,515 @@
+"""Adaptive drafting: pick how much to draft each step from what verification costs on
+this hardware and what the drafter has been getting accepted.
+
+- ``AcceptanceCalibrator``: maps a drafter's confidence (the draft's conditional
+  probability of a node, or its depth for model-free drafters) to P(accepted | parent
+  accepted), from decayed binned counts with a prior (monotone in the probability).
+- ``LatencyModel`` (``specdec/latency.py``, re-exported here): verify latency as a
+  piecewise-linear function of the tree size, measured once per (model, dtype, device,
+  backend) by a short sweep and cached as JSON under ``~/.cache/specdec/latency/``;
+  refined online from observed step times.
+- ``BudgetController``: each step ``choose(key) -> TreeBudget`` maximises expected
+  committed tokens per second, (E[accepted(n)] + 1) / (draft(n) + verify(n)), over a
+  grid of node budgets (Sequoia's hardware-aware budget) with a discounted UCB over
+  per-drafter statistics; ``observe(...)`` after each step. Given the verified tree,
+  one step also tells what every *smaller* budget would have accepted (a budget-n tree
+  is the first n nodes of a bigger one, and greedy acceptance of a prefix is the prefix
+  of the accepted path), so only larger budgets ever need exploring.
+  ``should_continue(prob, depth)`` / ``chain_stopper`` give chain drafters the
+  SpecDec++ stopping rule: stop once the calibrated probability that the whole chain
+  so far is accepted falls below a threshold set by the cost ratio.
+- ``DynamicTreeBuilder``: EAGLE-2 / DySpec-style tree growth, best-first by the
+  product of *calibrated* per-node acceptance estimates, under the chosen node budget.
+
+Only what is drafted changes; verification, and so losslessness, is untouched.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .config import TreeBudget
+from .latency import LATENCY_GRID, LatencyModel, latency_key, runner_verify_fn
+from .tree import ROOT, TokenTree
+
+__all__ = ["AcceptanceCalibrator", "BudgetController", "ChainStopper", "DynamicTreeBuilder", "LatencyModel",
+           "LATENCY_GRID", "DEFAULT_GRID", "drafter_key", "latency_key", "node_features", "resolve",
+           "runner_verify_fn"]
+
+DEFAULT_GRID = (1, 2, 4, 8, 16, 32, 64)
+PROB_EDGES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+
+
+def drafter_key(drafter) -> str:
+    """The name a controller files a drafter's statistics under."""
+    return getattr(drafter, "adaptive_key", None) or type(drafter).__name__
+
+
+def _pav(y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted isotonic (non-decreasing) regression by pool-adjacent-violators."""
+    blocks: list[list[float]] = []  # [sum w*y, sum w, count]
+    for yi, wi in zip(y.tolist(), w.tolist()):
+        blocks.append([yi * wi, wi, 1])
+        while len(blocks) > 1 and blocks[-2][0] * blocks[-1][1] > blocks[-1][0] * blocks[-2][1]:
+            s, ww, c = blocks.pop()
+            blocks[-1][0] += s
+            blocks[-1][1] += ww
+            blocks[-1][2] += c
+    return np.array([b[0] / b[1] for b in blocks for _ in range(b[2])])
+
+
+# ----------------------------------------------------------------------------- calibration
+class AcceptanceCalibrator:
+    """P(node accepted | parent accepted) as a function of one confidence feature.
+
+    kind="prob": the feature is the draft's conditional probability of the node in
+    [0, 1]; the prior of each bin is its centre (a calibrated drafter) and the estimate
+    is kept non-decreasing. kind="depth": the feature is the node's depth (model-free
+    drafters); prior 0.5. Counts decay by ``decay`` per sample, so the estimate tracks
+    drift with a memory of about 1 / (1 - decay) samples."""
+
+    def __init__(self, kind: str = "prob", *, edges: Sequence[float] | None = None, prior_strength: float = 2.0,
+                 decay: float = 0.9998, max_depth: int = 16):
+        if kind not in ("prob", "depth"):
+            raise ValueError(f"kind must be 'prob' or 'depth', got {kind!r}")
+        self.kind = kind
+        if edges is None:
+            edges = PROB_EDGES if kind == "prob" else [d + 0.5 for d in range(max_depth + 1)]
+        self.edges = np.asarray(edges, dtype=np.float64)
+        self.centers = (self.edges[:-1] + self.edges[1:]) / 2
+        self.prior_mean = self.centers.copy() if kind == "prob" else np.full(len(self.centers), 0.5)
+        self.prior_strength = float(prior_strength)
+        self.decay = float(decay)
+        self.n = np.zeros(len(self.centers))  # decayed samples per bin
+        self.a = np.zeros(len(self.centers))  # decayed accepted samples per bin
+        self._means: np.ndarray | None = None
+
+    def _bins(self, f: np.ndarray) -> np.ndarray:
+        return np.clip(np.searchsorted(self.edges, f, side="right") - 1, 0, len(self.centers) - 1)
+
+    def update(self, features, labels) -> None:
+        """features [k] float, labels [k] bool (accepted)."""
+        f = np.asarray(features, dtype=np.float64).reshape(-1)
+        y = np.asarray(labels, dtype=np.float64).reshape(-1)
+        if f.size == 0:
+            return
+        d = self.decay ** f.size
+        self.n *= d
+        self.a *= d
+        b = self._bins(f)
+        np.add.at(self.n, b, 1.0)
+        np.add.at(self.a, b, y)
+        self._means = None
+
+    def bin_means(self) -> np.ndarray:
+        if self._means is None:
+            s = self.prior_strength
+            m = (self.a + s * self.prior_mean) / (self.n + s)
+            self._means = _pav(m, self.n + s) if self.kind == "prob" else m
+        return self._means
+
+    def __call__(self, feature):
+        """Calibrated acceptance probability; a float for a float, else an array."""
+        out = np.interp(np.asarray(feature, dtype=np.float64), self.centers, self.bin_means())
+        return float(out) if np.ndim(out) == 0 else out
+
+    def observe(self, tree: TokenTree, accepted_nodes: Sequence[int], feats: list[float] | None = None) -> None:
+        """Label every node whose parent was accepted (or is the root): accepted or not.
+        ``feats``: the tree's ``node_features`` of this kind, when already computed."""
+        feats = node_features(tree, self.kind) if feats is None else feats
+        if feats is None:
+            return
+        acc = set(int(i) for i in accepted_nodes)
+        plist = tree.parents.tolist()
+        rows = [i for i, p in enumerate(plist) if p == ROOT or p in acc]
+        self.update([feats[i] for i in rows], [i in acc for i in rows])
+
+
+def node_features(tree: TokenTree, kind: str) -> list[float] | None:
+    """Per-node confidence: conditional draft probability (scores[i] / scores[parent]) for
+    kind="prob" (None when the tree has no probability scores), depth for kind="depth"."""
+    if kind == "depth":
+        return [float(d) for d in tree.depth.tolist()]
+    if tree.scores is None or len(tree) == 0:
+        return None
+    s = tree.scores.detach().double().cpu()
+    if bool((s < 0).any()) or bool((s > 1 + 1e-6).any()):
+        return None  # not probabilities
+    parent = torch.where(tree.parents.cpu() >= 0, s[tree.parents.cpu().clamp(min=0)], torch.ones_like(s))
+    return (s / parent.clamp(min=1e-30)).clamp(0, 1).tolist()
+
+
+# ----------------------------------------------------------------------------- controller
+class _Stats:
+    """One drafter's discounted statistics per arm (a TreeBudget)."""
+
+    def __init__(self, n_arms: int):
+        z = lambda: np.zeros(n_arms)  # noqa: E731
+        self.S, self.A, self.Q, self.Z, self.D = z(), z(), z(), z(), z()  # count, acc, acc^2, size, depth
+        self.N = 0.0  # discounted played steps
+        self.steps = 0
+        self.XtX = np.zeros((3, 3))  # draft-time regression on [1, depth, size / 16]
+        self.Xty = np.zeros(3)
+        self.drift = 0.0  # EMA of the played arm's standardised surprise (change detection)
+        self.calibrators: dict[str, AcceptanceCalibrator] = {}
+        self.last: TreeBudget | None = None
+        self._est = None
+
+    def decay(self, g: float) -> None:
+        for v in (self.S, self.A, self.Q, self.Z, self.D, self.XtX, self.Xty):
+            v *= g
+        self.N = self.N * g + 1.0
+
+    def forget(self, keep: float) -> None:
+        for v in (self.S, self.A, self.Q, self.Z, self.D):
+            v *= keep
+        self.N *= keep
+
+    def add(self, a: int, acc: float, size: float, depth: float) -> None:
+        self.S[a] += 1.0
+        self.A[a] += acc
+        self.Q[a] += acc * acc
+        self.Z[a] += size
+        self.D[a] += depth
+
+
+class BudgetController:
+    """Chooses each step's tree budget to maximise expected committed tokens per second.
+
+    arms:       the budgets to choose from (default: max_nodes in ``grid``, depth
+                min(n, max_depth)); ordered from small to large.
+    latency:    a LatencyModel (measured or synthetic); None = learned online (or the
+                cached curve, when ``generate`` attaches a runner).
+    discount:   per-step forgetting of the arm statistics (memory ~ 1 / (1 - discount)).
+    explore:    UCB bonus scale (0 = greedy on the estimates).
+    warmup:     steps on the largest arm first: they reveal every smaller arm at once.
+    shift_z:    change detection: when the EMA (rate 0.1) of the played arm's z-score
+                exceeds this, all statistics but ``shift_keep`` of their weight are dropped.
+    min_depth:  chain stopping never stops before this many tokens.
+    """
+
+    def __init__(self, *, grid: Sequence[int] = DEFAULT_GRID, max_depth: int = 8,
+                 arms: Sequence[TreeBudget] | None = None, latency: LatencyModel | None = None,
+                 discount: float = 0.99, explore: float = 0.3, warmup: int = 8, ridge: float = 1e-3,
+                 min_depth: int = 1, shift_z: float = 1.0, shift_keep: float = 0.05):
+        arms = list(arms) if arms is not None else [TreeBudget(n, min(n, max_depth)) for n in grid]
+        if not arms:
+            raise ValueError("BudgetController needs at least one arm")
+        self.arms = sorted(set(arms), key=lambda b: (b.max_nodes, b.max_depth))
+        self.latency = latency
+        self.discount, self.explore, self.warmup = float(discount), float(explore), int(warmup)
+        self.ridge, self.min_depth = float(ridge), int(min_depth)
+        self.shift_z, self.shift_keep = float(shift_z), float(shift_keep)
+        self._stats: dict[str, _Stats] = {}
+
+    @property
+    def max_budget(self) -> TreeBudget:
+        return TreeBudget(max(a.max_nodes for a in self.arms), max(a.max_depth for a in self.arms))
+
+    def attach(self, runner, model=None) -> None:
+        """Give the controller a latency curve for ``runner``: the cached one if any was
+        measured (``LatencyModel.for_runner`` measures), else an online one."""
+        if self.latency is None:
+            key = latency_key(model if model is not None else runner, runner)
+            self.latency = LatencyModel.cached(key) or LatencyModel(key=key)
+
+    def _state(self, key: str) -> _Stats:
+        if key not in self._stats:
+            self._stats[key] = _Stats(len(self.arms))
+        return self._stats[key]
+
+    def calibrator(self, key: str, kind: str = "prob") -> AcceptanceCalibrator:
+        cals = self._state(key).calibrators
+        if kind not in cals:
+            cals[kind] = AcceptanceCalibrator(kind)
+        return cals[kind]
+
+    # -- the per-step decision
+    def choose(self, key: str = "default") -> TreeBudget:
+        st = self._state(key)
+        if st.steps < self.warmup:
+            choice = self.arms[-1]
+        else:
+            idx = self._estimates(st, bonus=True)[0]
+            best = float(idx.max())
+            choice = self.arms[max(i for i, v in enumerate(idx) if v >= best * (1 - 1e-9))]
+        st.last = choice
+        return choice
+
+    def observe(self, key: str, tree_size: int, accepted: int, draft_time: float, verify_time: float, *,
+                tree: TokenTree | None = None, accepted_nodes: Sequence[int] | None = None,
+                budget: TreeBudget | None = None, depth: int | None = None) -> None:
+        """Record one step. ``budget``: the budget the drafter was given (default: the
+        last choice); with ``tree`` and ``accepted_nodes`` every arm the step reveals is
+        updated (smaller ones by truncation) and the calibrators learn."""
+        st = self._state(key)
+        st.steps += 1
+        eff = budget or st.last or TreeBudget(max(tree_size, 1), max(depth or tree_size, 1))
+        self._detect_shift(st, eff, accepted)
+        st.decay(self.discount)
+        st._est = None
+        if tree is not None and accepted_nodes is not None:
+            self._observe_tree(st, tree, list(accepted_nodes), eff)
+            depth = int(tree.depth.max()) if len(tree) else 0
+            for kind in ("prob", "depth"):
+                feats = node_features(tree, kind)
+                if feats is not None:
+                    self.calibrator(key, kind).observe(tree, accepted_nodes, feats)
+        else:  # only the arms that would have drafted this very tree
+            depth = tree_size if depth is None else depth
+            limited = tree_size >= eff.max_nodes or depth >= eff.max_depth
+            for a, arm in enumerate(self.arms):
+                inside = arm.max_nodes <= eff.max_nodes and arm.max_depth <= eff.max_depth
+                fits = tree_size <= arm.max_nodes and depth <= arm.max_depth
+                if arm == eff or (fits and (inside or not limited)):
+                    st.add(a, accepted, tree_size, depth)
+        if self.latency is None:
+            self.latency = LatencyModel()
+        self.latency.observe(tree_size, verify_time)
+        x = np.array([1.0, depth, tree_size / 16.0])
+        st.XtX += np.outer(x, x)
+        st.Xty += x * float(draft_time) / self._load()  # draft times in load-free seconds, like the curve
+
+    def _detect_shift(self, st: _Stats, eff: TreeBudget, accepted: int) -> None:
+        """When the played arm keeps surprising (EMA of its z-score beyond ``shift_z``),
+        the stream has shifted: keep only ``shift_keep`` of every statistic."""
+        inside = [a for a, arm in enumerate(self.arms) if arm.max_nodes <= eff.max_nodes
+                  and arm.max_depth <= eff.max_depth]
+        if not inside or st.S[inside[-1]] < 5:
+            return
+        a = inside[-1]
+        mean = st.A[a] / st.S[a]
+        sd = math.sqrt(max(st.Q[a] / st.S[a] - mean * mean, 0.0) + 0.25)
+        st.drift = 0.9 * st.drift + 0.1 * (min(accepted, eff.max_depth) - mean) / sd
+        if abs(st.drift) > self.shift_z:
+            st.forget(self.shift_keep)
+            st.drift = 0.0
+
+    def _observe_tree(self, st: _Stats, tree: TokenTree, path: list[int], eff: TreeBudget) -> None:
+        depths = tree.depth.tolist()
+        n = len(depths)
+        limited = n >= eff.max_nodes or (n > 0 and max(depths) >= eff.max_depth)
+        for a, arm in enumerate(self.arms):
+            if arm.max_nodes <= eff.max_nodes and arm.max_depth <= eff.max_depth:
+                keep = [i for i in range(min(n, arm.max_nodes)) if depths[i] <= arm.max_depth]
+                acc = 0
+                for v in path:
+                    if v >= arm.max_nodes or depths[v] > arm.max_depth:
+                        break
+                    acc += 1
+                st.add(a, acc, len(keep), max((depths[i] for i in keep), default=0))
+            elif not limited:  # the drafter ran out before the budget: any bigger budget gives this tree
+                st.add(a, len(path), n, max(depths, default=0))
+
+    # -- estimates
+    def _load(self) -> float:
+        return self.latency.scale if self.latency is not None else 1.0
+
+    def _draft_weights(self, st: _Stats) -> np.ndarray:
+        """Draft seconds ~ w . [1, depth, size / 16] at the current load."""
+        return np.linalg.solve(st.XtX + self.ridge * np.eye(3), st.Xty) * self._load()
+
+    def _estimates(self, st: _Stats, bonus: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(index, mean accepted, cost) per arm; index = (mean + 1 [+ bonus]) / cost."""
+        if st._est is not None and not bonus:
+            return st._est
+        S = st.S
+        seen = S > 1e-6
+        mean = np.zeros(len(self.arms))
+        last = 0.0
+        for a in range(len(self.arms)):  # unseen arms: at least what the arm below gets
+            mean[a] = st.A[a] / S[a] if seen[a] else last
+            last = mean[a]
+        mean = _pav(mean, S + 1e-6)
+        sizes = np.array([st.Z[a] / S[a] if seen[a] else arm.max_nodes for a, arm in enumerate(self.arms)])
+        depths = np.array([st.D[a] / S[a] if seen[a] else arm.max_depth for a, arm in enumerate(self.arms)])
+        w = self._draft_weights(st)
+        draft = np.maximum(w[0] + w[1] * depths + w[2] * sizes / 16.0, 0.0)
+        lat = self.latency or LatencyModel()
+        cost = np.maximum(draft + np.array([lat.predict(s) for s in sizes]), 1e-9)
+        value = mean + 1.0
+        if bonus:
+            var = np.where(seen, (st.Q - st.A ** 2 / np.maximum(S, 1e-12)).clip(min=0), 0.0)
+            sd = np.sqrt((var + 1.0) / (S + 1.0))  # a prior variance of 1 with weight 1
+            value = value + self.explore * sd * np.sqrt(2 * math.log(max(st.N, math.e)) / np.maximum(S, 1e-3))
+            return value / cost, mean, cost
+        st._est = (value / cost, mean, cost)
+        return st._est
+
+    def expected_rates(self, key: str) -> dict[TreeBudget, float]:
+        """Estimated committed tokens per second of every arm (no exploration bonus)."""
+        st = self._state(key)
+        if st.steps == 0:
+            return {}
+        return dict(zip(self.arms, self._estimates(st, bonus=False)[0].tolist()))
+
+    def best_rate(self, key: str) -> float:
+        rates = self.expected_rates(key)
+        return max(rates.values()) if rates else 0.0
+
+    # -- stopping (SpecDec++) and dynamic trees
+    def marginal_costs(self, key: str, size: int) -> tuple[float, float]:
+        """(seconds of draft per extra level, seconds of verify per extra node at ``size``)."""
+        st = self._state(key)
+        w = self._draft_weights(st) if st.steps else np.zeros(3)
+        lat = self.latency or LatencyModel()
+        return max(float(w[1]), 0.0) + max(float(w[2]), 0.0) / 16.0, max(lat.predict(size + 1) - lat.predict(size), 0.0)
+
+    def stop_threshold(self, key: str = "default", depth: int = 1) -> float:
+        """Drafting token ``depth`` pays when P(the chain up to it is accepted) >= this:
+        its expected gain per second, P / (draft + verify marginal cost), must beat the
+        best achievable rate (the optimal-stopping rule for a ratio objective)."""
+        t_draft, t_verify = self.marginal_costs(key, depth)
+        return min(1.0, self.best_rate(key) * (t_draft + t_verify))
+
+    def should_continue(self, prob: float, depth: int, *, path_prob: float = 1.0, key: str = "ModelDrafter") -> bool:
+        """Whether a chain drafter should propose a token of draft probability ``prob``
+        at ``depth`` (1 = first), the chain before it being accepted with ``path_prob``."""
+        if depth <= self.min_depth:
+            return True
+        return path_prob * self.calibrator(key)(prob) >= self.stop_threshold(key, depth)
+
+    def chain_stopper(self, key: str = "ModelDrafter") -> "ChainStopper":
+        return ChainStopper(self, key)
+
+    def tree_builder(self, key: str, *, max_nodes: int, max_depth: int, topk: int = 4,
+                     width: int = 8) -> "DynamicTreeBuilder":
+        t_draft, t_verify = self.marginal_costs(key, max_nodes // 2)
+        rate = self.best_rate(key)
+        return DynamicTreeBuilder(max_nodes=max_nodes, max_depth=max_depth, topk=topk, width=width,
+                                  calibrate=self.calibrator(key), node_threshold=min(1.0, rate * t_verify),
+                                  expand_threshold=rate * t_draft)
+
+
+class ChainStopper:
+    """``should_continue(prob, depth)`` for one chain, keeping the path probability."""
+
+    def __init__(self, controller: BudgetController, key: str):
+        self.controller, self.key = controller, key
+        self.cal = controller.calibrator(key)
+        self.path = 1.0
+
+    def should_continue(self, prob: float, depth: int) -> bool:
+        p = self.path * self.cal(prob)
+        if depth > self.controller.min_depth and p < self.controller.stop_threshold(self.key, depth):
+            return False
+        self.path = p
+        return True
+
+
+# ----------------------------------------------------------------------------- dynamic trees
+class DynamicTreeBuilder:
+    """Grows a draft tree level by level (one draft forward per level, at most ``width``
+    nodes expanded, each offering its ``topk`` children), then keeps the ``max_nodes``
+    nodes of highest estimated acceptance: value(node) = value(parent) *
+    calibrate(draft prob of the node | parent). Values never grow along a path, so the
+    best-first order is ancestor-closed and the tree's node order is best-first (any
+    prefix is the best tree of that size). Node ``scores`` are the raw cumulative draft
+    probabilities (what calibration learns from).
+
+    node_threshold:   a node enters only with value >= this (its verify cost in tokens);
+    expand_threshold: a level is drafted only if its expanded nodes' values sum >= this.
+    """
+
+    def __init__(self, *, max_nodes: int, max_depth: int, topk: int = 4, width: int = 8,
+                 calibrate: Callable | None = None, node_threshold: float = 0.0, expand_threshold: float = 0.0):
+        self.max_nodes, self.max_depth = int(max_nodes), int(max_depth)
+        self.topk, self.width = max(1, int(topk)), max(1, int(width))
+        self.calibrate = calibrate
+        self.node_threshold, self.expand_threshold = float(node_threshold), float(expand_threshold)
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self.depths: list[int] = []
+        self.raw: list[float] = []  # cumulative draft probability
+        self.value: list[float] = []  # estimated probability the node is accepted
+
+    def _add_children(self, parent: int, probs: torch.Tensor) -> list[int]:
+        p, ids = probs.float().topk(min(self.topk, probs.numel()))
+        p = p.clamp(0, 1).double().numpy()
+        cal = np.asarray(self.calibrate(p) if self.calibrate is not None else p, dtype=np.float64).clip(0, 1)
+        base_raw = 1.0 if parent == ROOT else self.raw[parent]
+        base_val = 1.0 if parent == ROOT else self.value[parent]
+        depth = 1 if parent == ROOT else self.depths[parent] + 1
+        new = []
+        for pi, ci, ti in zip(p.tolist(), cal.tolist(), ids.tolist()):
+            self.tokens.append(int(ti))
+            self.parents.append(parent)
+            self.depths.append(depth)
+            self.raw.append(base_raw * pi)
+            self.value.append(base_val * ci)
+            new.append(len(self.tokens) - 1)
+        return new
+
+    def ancestor_mask(self, rows: Sequence[int], cols: Sequence[int]) -> torch.Tensor:
+        """[len(rows), len(cols)] bool: cols[j] is rows[i] or one of its ancestors."""
+        where = {c: j for j, c in enumerate(cols)}
+        m = torch.zeros(len(rows), len(cols), dtype=torch.bool)
+        for i, v in enumerate(rows):
+            while v != ROOT:
+                if v in where:
+                    m[i, where[v]] = True
+                v = self.parents[v]
+        return m
+
+    def build(self, root_probs: torch.Tensor, expand: Callable[["DynamicTreeBuilder", list[int]], torch.Tensor]
+              ) -> TokenTree:
+        """root_probs [vocab]; expand(builder, nodes) -> [len(nodes), vocab] next-token
+        probabilities after each node (a draft forward of those nodes)."""
+        if self.max_nodes <= 0 or self.max_depth <= 0:
+            return TokenTree.empty()
+        level = self._add_children(ROOT, root_probs.cpu())
+        for _ in range(self.max_depth - 1):
+            ranked = sorted(level, key=lambda i: -self.value[i])
+            kth = sorted(self.value, reverse=True)[self.max_nodes - 1] if len(self.value) >= self.max_nodes else -1.0
+            chosen = [i for i in ranked[:self.width] if self.value[i] > kth and self.value[i] >= self.node_threshold]
+            if not chosen or sum(self.value[i] for i in chosen) < self.expand_threshold:
+                break  # no deeper node could enter the best max_nodes, or the level is not worth a forward
+            probs = expand(self, chosen).cpu()
+            level = [c for k, i in enumerate(chosen) for c in self._add_children(i, probs[k])]
+        order = sorted(range(len(self.tokens)), key=lambda i: (-self.value[i], i))
+        order = [i for i in order if self.value[i] >= self.node_threshold][:self.max_nodes]
+        if not order:
+            order = sorted(range(len(self.tokens)), key=lambda i: (-self.value[i], i))[:1]
+        new_index = {old: k for k, old in enumerate(order)}
+        parents = [ROOT if self.parents[i] == ROOT else new_index[self.parents[i]] for i in order]
+        return TokenTree(torch.tensor([self.tokens[i] for i in order], dtype=torch.long),
+                         torch.tensor(parents, dtype=torch.long),
+                         scores=torch.tensor([self.raw[i] for i in order]))
+
+
+# ----------------------------------------------------------------------------- generate's hook
+_SHARED: "weakref.WeakKeyDictionary[object, BudgetController]" = weakref.WeakKeyDictionary()
+
+
+def resolve(adaptive, budget: TreeBudget | None, model, drafter, *,
+            sampling: bool = False) -> tuple[BudgetController | None, bool]:
+    """(controller, whether it chooses each step's budget) for ``generate``.
+
+    A BudgetController passed as ``adaptive`` chooses (``budget``, if given, caps it);
+    ``adaptive=True`` without an explicit ``budget`` uses the drafter's own controller or
+    one shared by every call on this target -- for greedy decoding only: when sampling,
+    budgets that follow measured times would break "same seed, same output", so True
+    keeps the fixed budget there (pass a controller to adapt anyway). Otherwise the
+    budget is fixed, and only a controller the drafter carries keeps learning.
+    ``drafter`` None: plain decoding."""
+    if drafter is None:
+        return None, False
+    if isinstance(adaptive, BudgetController):
+        return adaptive, True
+    own = getattr(drafter, "controller", None)
+    own = own if isinstance(own, BudgetController) else None
+    if adaptive and budget is None and not sampling:
+        if own is not None:
+            return own, True
+        try:
+            ctl = _SHARED.get(model)
+            if ctl is None:
+                ctl = _SHARED[model] = BudgetController()
+        except TypeError:  # not weak-referenceable
+            ctl = BudgetController()
+        return ctl, True
+    return own, False

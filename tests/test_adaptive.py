@@ -1,0 +1,396 @@
+"""Adaptive drafting: budget controller on simulated acceptance streams, calibration,
+latency model + cache, dynamic trees, and losslessness with adaptive budgets on."""
+import heapq
+import json
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from conftest import hf_greedy, tiny_model
+
+import specdec
+from specdec.adaptive import (AcceptanceCalibrator, BudgetController, DynamicTreeBuilder, LatencyModel,
+                              latency_key, node_features)
+from specdec.config import TreeBudget
+from specdec.tree import ROOT, TokenTree
+
+
+# ----------------------------------------------------------------------------- the simulator
+class TreeSim:
+    """Sequoia-style positional acceptance: below an accepted node, the child of sibling
+    rank j is the target's token with probability alpha * (1 - alpha)^j (disjoint events).
+    A budget's tree is the best-first tree by path probability; verify costs a + b * n,
+    drafting c0 + c * depth; times carry +-``noise`` relative jitter."""
+
+    def __init__(self, alpha, *, a=0.01, b=0.0002, c0=0.001, c=0.002, K=4, noise=0.05, seed=0):
+        self.alpha, self.a, self.b, self.c0, self.c, self.K, self.noise = alpha, a, b, c0, c, K, noise
+        self.rng = random.Random(seed)
+        self._trees = {}
+
+    def p(self, rank):
+        return self.alpha * (1 - self.alpha) ** rank
+
+    def tree(self, budget):
+        key = (budget.max_nodes, budget.max_depth, self.alpha)
+        if key not in self._trees:
+            ranks, parents, probs = [], [], []
+            heap = [(-self.p(j), j, ROOT, j, 1) for j in range(self.K)]
+            heapq.heapify(heap)
+            count = self.K
+            while heap and len(ranks) < budget.max_nodes:
+                negp, _, parent, rank, depth = heapq.heappop(heap)
+                ranks.append(rank)
+                parents.append(parent)
+                probs.append(-negp)
+                if depth < budget.max_depth:
+                    for k in range(self.K):
+                        heapq.heappush(heap, (negp * self.p(k), count, len(ranks) - 1, k, depth + 1))
+                        count += 1
+            self._trees[key] = (TokenTree(torch.tensor(ranks), torch.tensor(parents)), probs)
+        return self._trees[key]
+
+    def expected(self, budget):
+        """(E[accepted], draft time, verify time) of a fixed budget."""
+        tree, probs = self.tree(budget)
+        depth = int(tree.depth.max()) if len(tree) else 0
+        return sum(probs), self.c0 + self.c * depth, self.a + self.b * len(tree)
+
+    def rate(self, budget):
+        acc, draft, verify = self.expected(budget)
+        return (acc + 1) / (draft + verify)
+
+    def step(self, budget):
+        tree, _ = self.tree(budget)
+        children = tree.children()
+        path, node = [], ROOT
+        while True:
+            u, hit, cum = self.rng.random(), None, 0.0
+            for j in range(self.K):
+                cum += self.p(j)
+                if u < cum:
+                    hit = j
+                    break
+            nxt = [c for c in children[node + 1] if int(tree.tokens[c]) == hit]
+            if hit is None or not nxt:
+                break
+            node = nxt[0]
+            path.append(node)
+        depth = int(tree.depth.max()) if len(tree) else 0
+        jitter = lambda: 1 + self.noise * (2 * self.rng.random() - 1)  # noqa: E731
+        return tree, path, (self.c0 + self.c * depth) * jitter(), (self.a + self.b * len(tree)) * jitter()
+
+
+def _drive(ctl, sim, phases, key="sim", with_tree=True):
+    """Run the controller on the simulator; returns per phase (picks, true rates by max_nodes)."""
+    out = []
+    for alpha, steps in phases:
+        sim.alpha = alpha
+        picks = []
+        for _ in range(steps):
+            arm = ctl.choose(key)
+            tree, path, dt, vt = sim.step(arm)
+            if with_tree:
+                ctl.observe(key, len(tree), len(path), dt, vt, tree=tree, accepted_nodes=path, budget=arm)
+            else:
+                ctl.observe(key, len(tree), len(path), dt, vt, depth=int(tree.depth.max()) if len(tree) else 0)
+            picks.append(arm)
+        out.append((picks, {arm: sim.rate(arm) for arm in ctl.arms}))
+    return out
+
+
+def _check_phase(picks, rates, *, tail=100, realised=0.93, exact=True):
+    """The most chosen budget of the last ``tail`` steps is the brute-force best one
+    (``exact``) or within 7% of its rate, and the choices realise ``realised`` of it."""
+    best = max(rates, key=rates.get)
+    mode = Counter(picks[-tail:]).most_common(1)[0][0]
+    info = (mode, best, {a.max_nodes: round(r, 1) for a, r in rates.items()})
+    assert mode == best if exact else rates[mode] >= 0.93 * rates[best], info
+    got = sum(rates[p] for p in picks[-tail:]) / tail
+    assert got >= realised * rates[best], (got, rates[best])
+
+
+def _linear_latency(sim):
+    return LatencyModel.from_function(lambda n: sim.a + sim.b * n)
+
+
+# ----------------------------------------------------------------------------- controller
+@pytest.mark.parametrize("alpha", [0.85, 0.2])
+@pytest.mark.parametrize("measured", [True, False])
+def test_controller_converges_to_best_fixed_budget(alpha, measured):
+    sim = TreeSim(alpha, seed=1)
+    ctl = BudgetController(latency=_linear_latency(sim) if measured else None)
+    rates = {arm: sim.rate(arm) for arm in ctl.arms}
+    ranked = sorted(rates.values(), reverse=True)
+    assert ranked[0] > 1.04 * ranked[1]  # the simulator has a clear best fixed budget
+    [(picks, rates)] = _drive(ctl, sim, [(alpha, 400)])
+    _check_phase(picks, rates)
+
+
+def test_controller_moves_when_the_stream_shifts():
+    sim = TreeSim(0.85, seed=2)
+    ctl = BudgetController(latency=_linear_latency(sim))
+    phases = _drive(ctl, sim, [(0.85, 300), (0.2, 300), (0.85, 300)])
+    bests = [max(r, key=r.get).max_nodes for _, r in phases]
+    assert bests[0] > bests[1] < bests[2]  # the best fixed budget really moves
+    for picks, rates in phases:
+        _check_phase(picks, rates, realised=0.9, exact=False)
+    tails = [sorted(a.max_nodes for a in picks[-100:])[50] for picks, _ in phases]
+    assert tails[0] >= 4 * tails[1] <= tails[2]  # ... and so do the choices, both ways
+
+
+def test_controller_scalar_observations_only():
+    """Without the trees (no counterfactual arms) it still finds a near-best budget."""
+    sim = TreeSim(0.85, seed=3)
+    ctl = BudgetController(latency=_linear_latency(sim))
+    [(picks, rates)] = _drive(ctl, sim, [(0.85, 600)], with_tree=False)
+    best = max(rates.values())
+    assert sum(rates[p] for p in picks[-200:]) / 200 >= 0.85 * best
+
+
+def test_controller_warmup_and_counterfactual_arms():
+    ctl = BudgetController(grid=(1, 2, 4), max_depth=4, warmup=2)
+    assert ctl.choose("k") == TreeBudget(4, 4)  # warm-up plays the largest arm
+    tree = TokenTree(torch.tensor([5, 6, 7, 8]), torch.tensor([-1, 0, 1, -1]))  # chain of 3 + a sibling
+    ctl.observe("k", 4, 2, 0.01, 0.02, tree=tree, accepted_nodes=[0, 1], budget=TreeBudget(4, 4))
+    st = ctl._stats["k"]
+    # arm 1 would have accepted 1 (node 0), arm 2 both, arm 4 both
+    assert st.A.tolist() == [1.0, 2.0, 2.0] and st.S.tolist() == [1.0, 1.0, 1.0]
+    rates = ctl.expected_rates("k")
+    assert set(rates) == set(ctl.arms) and all(r > 0 for r in rates.values())
+
+
+def test_stop_rule_and_should_continue():
+    sim = TreeSim(0.6, seed=4)
+    ctl = BudgetController(latency=_linear_latency(sim))
+    _drive(ctl, sim, [(0.6, 50)], key="ModelDrafter")
+    thr = ctl.stop_threshold("ModelDrafter", depth=3)
+    assert 0 < thr < 1
+    assert ctl.should_continue(0.01, 1, key="ModelDrafter")  # never stops before min_depth
+    assert not ctl.should_continue(0.99, 3, path_prob=thr / 2, key="ModelDrafter")
+    assert ctl.should_continue(0.99, 3, path_prob=1.0, key="ModelDrafter")
+    stop = ctl.chain_stopper("ModelDrafter")
+    assert stop.should_continue(0.9, 1) and stop.path < 1.0
+
+
+# ----------------------------------------------------------------------------- calibration
+def test_calibrator_converges_to_true_acceptance():
+    rng = np.random.default_rng(0)
+    cal = AcceptanceCalibrator("prob", decay=1.0)
+    truth = lambda c: c ** 2  # noqa: E731  an over-confident drafter
+    for _ in range(40):
+        c = rng.random(500)
+        cal.update(c, rng.random(500) < truth(c))
+    grid = np.linspace(0.1, 0.9, 9)
+    assert np.abs(cal(grid) - truth(grid)).max() < 0.04
+    assert np.all(np.diff(cal(np.linspace(0, 1, 50))) >= -1e-12)  # monotone
+
+
+def test_calibrator_tracks_a_shift_and_prior():
+    rng = np.random.default_rng(1)
+    cal = AcceptanceCalibrator("prob", decay=0.999)
+    assert abs(cal(0.75) - 0.75) < 1e-9  # no data: the prior says "calibrated"
+    for truth in (lambda c: c ** 2, lambda c: np.sqrt(c)):
+        for _ in range(20):
+            c = rng.random(500)
+            cal.update(c, rng.random(500) < truth(c))
+        assert abs(cal(0.5) - truth(0.5)) < 0.06
+
+
+def test_depth_calibrator_and_tree_labels():
+    alphas = {1: 0.8, 2: 0.5, 3: 0.3}
+    rng = np.random.default_rng(2)
+    cal = AcceptanceCalibrator("depth", decay=1.0)
+    for _ in range(4000):
+        d = int(rng.integers(1, 4))
+        cal.update([d], [rng.random() < alphas[d]])
+    for d, a in alphas.items():
+        assert abs(cal(d) - a) < 0.04
+    # tree labels: only nodes whose parent was accepted (or the root's children) are labelled
+    tree = TokenTree(torch.tensor([1, 2, 3, 4, 5]), torch.tensor([-1, -1, 0, 0, 2]),
+                     scores=torch.tensor([0.6, 0.3, 0.3, 0.2, 0.15]))
+    assert np.allclose(node_features(tree, "prob"), [0.6, 0.3, 0.5, 1 / 3, 0.5])
+    c = AcceptanceCalibrator("prob", decay=1.0, prior_strength=0.0)
+    c.observe(tree, [0, 3])  # labelled: 0 (yes), 1 (no), 2 (no), 3 (yes); 4's parent rejected
+    assert c.n.sum() == 4 and c.a.sum() == 2
+
+
+# ----------------------------------------------------------------------------- latency
+def test_latency_fit_predict_and_online_update():
+    truth = lambda n: 0.01 if n <= 16 else 0.01 + 0.0005 * (n - 16)  # noqa: E731  GPU-like knee
+    rng = random.Random(0)
+    calls = Counter()
+
+    def verify(n):
+        calls[n] += 1
+        return truth(n) * (1 + 0.02 * (2 * rng.random() - 1))  # reports its own time
+
+    lm = LatencyModel.measure(verify, repeats=5, warmup=1)
+    assert calls[8] == 6 and lm.sizes == [0, 1, 2, 4, 8, 16, 32, 64, 128]
+    for n in (0, 3, 16, 24, 64, 100, 128):
+        assert abs(lm.predict(n) - truth(n)) < 0.03 * truth(n) + 1e-4
+    assert lm.predict(256) > lm.predict(128)  # linear extrapolation
+    # outside load doubles every size: the scale follows within a few steps, the shape stays
+    for _ in range(15):
+        lm.observe(32, 2 * truth(32))
+    assert lm.predict(32) == pytest.approx(2 * truth(32), rel=0.05)
+    assert lm.scale > 1.6 and lm.predict(16) == pytest.approx(2 * truth(16), rel=0.15)
+    # the curve itself changes at 64 only: alternating observations teach the shape
+    for _ in range(300):
+        lm.observe(4, 2 * truth(4))
+        lm.observe(64, 2 * 0.05)
+    assert lm.predict(64) / lm.predict(4) == pytest.approx(0.05 / truth(4), rel=0.1)
+    online = LatencyModel()  # nothing measured: learned from steps
+    assert online.empty and online.predict(8) == 0.0
+    online.observe(8, 0.02)
+    assert online.predict(8) == pytest.approx(0.02) and online.predict(1) < 0.02  # optimistic below
+    online.observe(300, 0.1)
+    assert online.sizes[-1] == 300 and online.predict(300) == pytest.approx(0.1)
+
+
+def test_latency_cache_round_trip(tmp_path):
+    lm = LatencyModel.from_function(lambda n: 0.001 * n + 0.005, key="k1", meta={"device": "sim"})
+    path = lm.save(LatencyModel.cache_path("k1", tmp_path))
+    assert path == tmp_path / "k1.json" and json.loads(path.read_text())["key"] == "k1"
+    back = LatencyModel.cached("k1", tmp_path)
+    assert back.sizes == lm.sizes and back.times == pytest.approx(lm.times) and back.meta == {"device": "sim"}
+    assert LatencyModel.cached("missing", tmp_path) is None
+
+
+def test_latency_for_runner_measures_once(tmp_path):
+    from specdec.backends.generic import HFRunner
+
+    model = tiny_model("llama")
+    runner = HFRunner(model)
+    key = latency_key(model, runner)
+    assert "float32" in key and "HFRunner" in key and "/" not in key
+    lm = LatencyModel.for_runner(runner, model=model, cache_dir=tmp_path, grid=(0, 2, 8), repeats=1, warmup=0)
+    assert (tmp_path / f"{key}.json").exists() and lm.sizes == [0, 2, 8] and all(t > 0 for t in lm.times)
+    again = LatencyModel.for_runner(runner, model=model, cache_dir=tmp_path, grid=(0, 1))  # cached: not re-measured
+    assert again.sizes == [0, 2, 8]
+    assert runner.length == 0
+
+
+# ----------------------------------------------------------------------------- dynamic trees
+def _toy_probs(vocab=10):
+    """next-token probabilities that depend on the last token: a peaked chain 0 -> 1 -> 2 ..."""
+    def probs_after(tok):
+        p = torch.full((vocab,), 0.02)
+        p[(tok + 1) % vocab] = 0.7
+        p[(tok + 2) % vocab] = 0.14
+        return p / p.sum()
+    return probs_after
+
+
+def test_dynamic_tree_builder_best_first_and_calibrated():
+    after = _toy_probs()
+    forwards = []
+
+    def expand(b, nodes):
+        forwards.append(list(nodes))
+        mask = b.ancestor_mask(nodes, [i for f in forwards for i in f])
+        assert mask[torch.arange(len(nodes)), -len(nodes) + torch.arange(len(nodes))].all()  # sees itself
+        return torch.stack([after(b.tokens[i]) for i in nodes])
+
+    b = DynamicTreeBuilder(max_nodes=10, max_depth=5, topk=3, width=3)
+    tree = b.build(after(0), expand)
+    assert len(tree) == 10 and int(tree.depth.max()) <= 5
+    sc = tree.scores.tolist()
+    plist = tree.parents.tolist()
+    assert all(p < i for i, p in enumerate(plist))  # topological
+    assert all(p == ROOT or sc[p] >= sc[i] for i, p in enumerate(plist))
+    assert tree.tokens[:4].tolist() == [1, 2, 3, 4]  # the peaked chain comes first
+    assert len(forwards) == 4  # one forward per level below the root
+    # a calibrator that distrusts confident drafts flattens the tree
+    flat = DynamicTreeBuilder(max_nodes=10, max_depth=5, topk=3, width=3,
+                              calibrate=lambda p: np.where(np.asarray(p) > 0.5, 0.2, 0.15))
+    t2 = flat.build(after(0), lambda b, nodes: torch.stack([after(b.tokens[i]) for i in nodes]))
+    assert int(t2.depth.max()) < int(tree.depth.max())
+    # thresholds: nothing worth a forward -> the root's best child only
+    lazy = DynamicTreeBuilder(max_nodes=10, max_depth=5, topk=3, width=3, node_threshold=0.9)
+    assert len(lazy.build(after(0), expand)) == 1
+
+
+# ----------------------------------------------------------------------------- end to end
+def _ids(seed, n=8):
+    return torch.randint(0, 96, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", ["chain", "tree", "ngram", "chain_shared"])
+def test_adaptive_generate_is_lossless(kind):
+    model = tiny_model("llama", seed=0)
+    draft = tiny_model("llama", layers=1, seed=1)
+    ctl = BudgetController(warmup=2)
+    if kind == "chain":
+        drafter = specdec.ModelDrafter(draft, gamma=5, controller=ctl)
+    elif kind == "tree":
+        drafter = specdec.ModelDrafter(draft, gamma=4, topk=3, controller=ctl)
+    elif kind == "ngram":
+        drafter = specdec.NgramDrafter()
+    else:
+        drafter = specdec.ModelDrafter(model, gamma=4)  # draft == target, shared controller on the target
+    prompts = [_ids(11), _ids(12, 12)] if kind == "ngram" else [_ids(11)]
+    if kind == "ngram":  # a repetitive prompt so n-grams get accepted
+        prompts = [torch.tensor([[5, 6, 7, 8, 9] * 4]), _ids(12, 12)]
+    for ids in prompts:
+        ref = hf_greedy(model, ids, 40)
+        out = specdec.generate(model, ids, drafter=drafter, max_new_tokens=40, eos_token_id=None,
+                               adaptive=ctl if kind in ("chain", "ngram") else True)
+        assert out.sequences.tolist() == ref.tolist()
+        assert len(out.stats.budgets) == out.stats.steps
+        assert all(1 <= b <= 64 for b in out.stats.budgets[:-1])
+    if kind in ("chain", "tree"):
+        assert ctl._stats["ModelDrafter"].steps == out.stats.steps  # the drafter's controller learned
+        assert ctl.calibrator("ModelDrafter").n.sum() > 0
+    if kind == "chain_shared":
+        from specdec.adaptive import _SHARED
+
+        assert _SHARED[model]._stats["ModelDrafter"].steps == out.stats.steps
+
+
+def test_fixed_budget_pins_and_sampling_still_runs():
+    model = tiny_model("llama", seed=0)
+    draft = tiny_model("llama", layers=1, seed=1)
+    ids = _ids(13)
+    out = specdec.generate(model, ids, drafter=specdec.ModelDrafter(draft, gamma=3), max_new_tokens=20,
+                           eos_token_id=None, budget=TreeBudget(max_nodes=2, max_depth=2))
+    assert set(out.stats.budgets) == {2} and max(out.stats.tree_sizes) <= 2
+    off = specdec.generate(model, ids, drafter=specdec.ModelDrafter(draft, gamma=3), max_new_tokens=20,
+                           eos_token_id=None, adaptive=False)
+    assert set(off.stats.budgets[:-1]) == {64} and off.sequences.tolist() == out.sequences.tolist()
+    # sampling: adaptive=True keeps the fixed budget, so the same seed gives the same output
+    runs = [specdec.generate(model, ids, drafter=specdec.ModelDrafter(draft, gamma=3), max_new_tokens=20,
+                             eos_token_id=None, do_sample=True, seed=7) for _ in range(2)]
+    assert runs[0].sequences.tolist() == runs[1].sequences.tolist() and set(runs[0].stats.budgets) == {64}
+    ctl = BudgetController(warmup=1)  # an explicit controller adapts when sampling too
+    s1 = specdec.generate(model, ids, drafter=specdec.ModelDrafter(draft, gamma=3, controller=ctl),
+                          max_new_tokens=20, eos_token_id=None, do_sample=True, seed=7, adaptive=ctl)
+    assert s1.stats.new_tokens == 20 and ctl._stats["ModelDrafter"].steps == s1.stats.steps
+
+
+def test_sweep_adaptive_smoke(tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives in the source checkout
+    from benchmarks.sweep_adaptive import main
+
+    monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"task_id": f"HumanEval/{i}", "prompt": f"def f{i}(x):\n    return x + {i}\n\ndef g(", "test": "",
+             "entry_point": f"f{i}", "canonical_solution": ""} for i in range(2)]
+    (data / "humaneval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    rc = main(["--datasets", "humaneval,gsm8k", "--data-dir", str(data), "--limit", "1", "--max-new-tokens", "8",
+               "--nodes", "1,4", "--depths", "4", "--latency-grid", "0,4,16", "--device", "cpu", "--out", str(out)],
+              model=tiny_model("llama"))
+    assert rc == 0
+    [js] = out.glob("sweep_adaptive_*.json")
+    res = json.loads(js.read_text())
+    hum = res["summary"]["humaneval"]
+    assert set(hum["methods"]) == {"n1_d1", "n4_d4", "n64_d8", "adaptive"} and hum["default_fixed"] == "n64_d8"
+    assert all(m["exact_match"] for m in hum["methods"].values()) and res["settings"]["latency_measured"]
+    assert "adaptive / best" in js.with_suffix(".md").read_text()
+    assert list((tmp_path / "cache" / "latency").glob("*.json"))

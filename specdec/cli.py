@@ -48,7 +48,6 @@ def cmd_demo(args) -> int:
     print(f"loading {args.model or 'SmolLM2-135M-Instruct (embedded)'} ({args.dtype}, {args.device}) ...", flush=True)
     model, tok = _load(args)
     eos = tok.eos_token_id
-    rows = []
     prompts = [_encode(tok, p, chat=True) for p in DEMO_PROMPTS]
     # warm-up (excluded): one short run of each path
     model.generate(prompts[0], attention_mask=torch.ones_like(prompts[0]), max_new_tokens=4, do_sample=False)

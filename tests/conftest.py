@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random models of several families and the real SmolLM2."""
+import contextlib
 import importlib.util
 import os
 
@@ -40,6 +41,24 @@ def tiny_model(family: str, vocab: int = 96, layers: int = 2, seed: int = 0, **o
 
 
 FAMILIES = ["llama", "qwen2", "gemma3", "gpt2"]
+
+
+@contextlib.contextmanager
+def triton_kernels_on_cpu():
+    """Let specdec.ops dispatch to the Triton kernels on CPU tensors (the interpreter,
+    switched on above) inside the block; on CUDA the kernels run anyway."""
+    if torch.cuda.is_available():
+        yield
+        return
+    old = os.environ.get("SPECDEC_TRITON_ON_CPU")
+    os.environ["SPECDEC_TRITON_ON_CPU"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SPECDEC_TRITON_ON_CPU", None)
+        else:
+            os.environ["SPECDEC_TRITON_ON_CPU"] = old
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ from specdec.ops.accept import (greedy_accept_device, greedy_accept_device_ref, 
                                 tree_rejection_sample, tree_rejection_sample_ref, tree_uniforms)
 from specdec.ops.kv import compact_kv, compact_kv_ref, register_fakes  # noqa: E402
 from specdec.ops.tree_ops import greedy_accept_ref  # noqa: E402
+from conftest import triton_kernels_on_cpu  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -32,13 +33,8 @@ needs_triton = pytest.mark.skipif(
 @pytest.fixture(scope="module", autouse=True)
 def _triton_on_cpu():
     """Let the ops dispatch to Triton on CPU tensors (interpreter) in this module only."""
-    old = os.environ.get("SPECDEC_TRITON_ON_CPU")
-    os.environ["SPECDEC_TRITON_ON_CPU"] = "1"
-    yield
-    if old is None:
-        os.environ.pop("SPECDEC_TRITON_ON_CPU", None)
-    else:
-        os.environ["SPECDEC_TRITON_ON_CPU"] = old
+    with triton_kernels_on_cpu():
+        yield
 
 
 def _cuda_op_available() -> bool:

@@ -135,7 +135,6 @@ def _real_prompts(tok, n=2):
 
 def test_real_smollm2_lossless(smollm2):
     model, tok = smollm2
-    from specdec.drafters.base import NoDrafter  # noqa: F401
 
     for ids in _real_prompts(tok):
         ref = hf_greedy(model, ids, 32, eos_token_id=tok.eos_token_id)

@@ -5,8 +5,6 @@ Without CUDA the Triton kernel runs under the interpreter (TRITON_INTERPRET=1, s
 the ``interpret`` fixture for the tests that ask for it, then restored)."""
 from __future__ import annotations
 
-import importlib
-import os
 
 import pytest
 import torch
@@ -20,7 +18,7 @@ from specdec.ops import backend
 from specdec.ops.recycling import recycling_update, recycling_update_ref
 from specdec.tree import TokenTree
 
-from conftest import hf_greedy, tiny_model
+from conftest import hf_greedy, tiny_model, triton_kernels_on_cpu
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -31,23 +29,8 @@ def interpret():
     """Triton on this machine: CUDA, or the interpreter on CPU tensors; skip without Triton."""
     if not backend.has_triton():
         pytest.skip("Triton not installed")
-    if HAS_CUDA:
+    with triton_kernels_on_cpu():
         yield
-        return
-    old = os.environ.get("SPECDEC_TRITON_ON_CPU")
-    os.environ["SPECDEC_TRITON_ON_CPU"] = "1"  # conftest set TRITON_INTERPRET=1
-    from triton.runtime.interpreter import InterpretedFunction
-
-    kmod = importlib.import_module("specdec.kernels.recycling")
-    if not isinstance(kmod._recycling_update_kernel, InterpretedFunction):
-        importlib.reload(kmod)  # imported (jitted) before the interpreter was on
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("SPECDEC_TRITON_ON_CPU", None)
-        else:
-            os.environ["SPECDEC_TRITON_ON_CPU"] = old
 
 
 def sequential_update(adj: torch.Tensor, tokens: torch.Tensor, topk: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,7 @@ whole file runs in well under a minute on a CPU. Tests marked ``gpu`` need CUDA.
 """
 from __future__ import annotations
 
-import importlib
 import math
-import os
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ import torch
 from specdec.ops import attention as attn
 from specdec.ops import backend
 from specdec.tree import TokenTree
+from conftest import triton_kernels_on_cpu
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -26,23 +25,8 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.fixture(scope="module", autouse=True)
 def _triton_interpreter():
     """Run the kernels under the Triton interpreter when there is no GPU (this module only)."""
-    if HAS_CUDA or not backend.has_triton():
+    with triton_kernels_on_cpu():
         yield
-        return
-    old = os.environ.get("SPECDEC_TRITON_ON_CPU")
-    os.environ["SPECDEC_TRITON_ON_CPU"] = "1"  # conftest set TRITON_INTERPRET=1
-    from triton.runtime.interpreter import InterpretedFunction
-
-    kmod = importlib.import_module("specdec.kernels.tree_attention")
-    if not isinstance(kmod._tree_attn_fwd_kernel, InterpretedFunction):
-        importlib.reload(kmod)  # it was imported (jitted) before the interpreter was on
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("SPECDEC_TRITON_ON_CPU", None)
-        else:
-            os.environ["SPECDEC_TRITON_ON_CPU"] = old
 
 
 def _triton_or_skip(device=DEVICE):
@@ -75,7 +59,7 @@ def make_inputs(n, prefix, n_kv, group, dim, *, dtype=torch.float32, device=DEVI
 
 def causal_path_attention(q, k_cache, v_cache, prefix, path, qpos, window, scale):
     """Plain causal attention (fp64, no tree) of the path's nodes over prefix + path."""
-    n_kv, group = k_cache.shape[0], q.shape[1] // k_cache.shape[0]
+    group = q.shape[1] // k_cache.shape[0]
     idx = torch.tensor(list(range(prefix)) + [prefix + j for j in path])
     keys = k_cache[:, idx].double().repeat_interleave(group, 0)  # [Hq, T, D]
     vals = v_cache[:, idx].double().repeat_interleave(group, 0)

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         sp.add_argument("--model", default=None, help="local transformers model dir (default: embedded SmolLM2)")
         sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
         sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        sp.add_argument("--drafter", default="ngram", help="drafter name (see specdec.drafters.NAMES)")
+        sp.add_argument("--drafter", default="ngram+recycling", help="drafter name (see specdec.drafters.NAMES)")
         sp.add_argument("--draft-model", default=None, help="local dir of a draft model (drafter=model)")
         sp.add_argument("--max-new-tokens", type=int, default=128)
 

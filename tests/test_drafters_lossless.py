@@ -80,3 +80,18 @@ def test_sampling_distribution(name):
     small, large = _tv(run(100, 1), exact), _tv(run(1200, 2), exact)
     assert large < small
     assert large < 0.07, f"TV {large:.3f}"
+
+
+@pytest.mark.parametrize("name", ["ngram", "recycling", "early_exit", "ngram+recycling"])
+def test_real_smollm2_greedy_lossless(smollm2, name):
+    """The real model on code (HumanEval), math (GSM8K) and a Spec-Bench-style chat prompt."""
+    from test_lossless import _real_prompts
+
+    model, tok = smollm2
+    chat = tok.apply_chat_template([{"role": "user", "content": "Summarize in two sentences why the sky is blue."}],
+                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    drafter = drafters.make(name, target=model)
+    for ids in _real_prompts(tok, n=1) + [chat]:
+        ref = hf_greedy(model, ids, 32, eos_token_id=tok.eos_token_id)
+        out = specdec.generate(model, ids, drafter=drafter, max_new_tokens=32, eos_token_id=tok.eos_token_id)
+        assert out.sequences.tolist() == ref.tolist()

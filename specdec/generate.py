@@ -202,7 +202,7 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
         t1 = time.perf_counter()
 
         L = runner.length  # == len(tokens) - 1: the root is not cached yet
-        parents_r, mask_r = tree.with_root()
+        _, mask_r = tree.with_root()  # [n + 1, n + 1] ancestor mask with the root as node 0
         n = len(tree)
         inp = torch.cat([torch.tensor([tokens[-1]]), tree.tokens.cpu()]).to(device)
         pos = (L + torch.cat([torch.zeros(1, dtype=torch.long), tree.depth.cpu()])).to(device)
@@ -214,7 +214,8 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
         else:
             acc = accept_greedy(tree, processed)  # on CUDA: device path selection, one transfer
         runner.keep(L, torch.tensor([0] + [i + 1 for i in acc.accepted_nodes], device=device))
-        new = [int(tree.tokens[i]) for i in acc.accepted_nodes] + [acc.bonus_token]
+        drafted = tree.tokens.tolist()  # one transfer when the drafter works on the GPU
+        new = [drafted[i] for i in acc.accepted_nodes] + [acc.bonus_token]
         new, stop = _truncate(new, eos, remaining)
         t2 = time.perf_counter()
         stats.verify_time_s += t2 - t1

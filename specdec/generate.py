@@ -1,8 +1,10 @@
 """The speculative decoding loop: draft a tree, verify it in one forward, accept, commit."""
 from __future__ import annotations
 
+import sys
 import time
 import warnings
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -63,30 +65,64 @@ class GenerationOutput:
         return self.sequences[0, self.sequences.shape[1] - self.stats.new_tokens:]
 
 
-BACKENDS = ("auto", "generic", "compact")
+BACKENDS = ("auto", "generic", "compact", "graphs")
+# compact runners kept per model, so CUDA graphs and the static cache outlive one call
+_RUNNERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def _as_runner(model, backend: str, capacity: int):
-    """A Runner for ``model``: the compact static-cache runtime or the generic HF backend.
+    """A Runner for ``model``.
 
-    "auto" picks the compact runtime on CUDA for supported architectures (one log line
-    says why when it falls back); "compact" requires it; "generic" never uses it."""
+    "auto": on CUDA, the compact static-cache runtime with CUDA graphs ("graphs") when the
+    architecture is supported, else the generic transformers backend (one log line says
+    why); on CPU, the generic backend. "compact": the compact runtime, eager. "graphs":
+    the compact runtime replayed from CUDA graphs (eager where graphs cannot run, with
+    one line saying why). "generic": transformers' own forward. Compact runners are kept
+    on the model between calls (their cache and captured graphs are reused)."""
     if not isinstance(model, torch.nn.Module):
         return model  # already a Runner
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    on_cuda = next(model.parameters()).device.type == "cuda"
-    if backend == "compact" or (backend == "auto" and on_cuda):
-        from .backends.compact import CompactRunner
+    param = next(model.parameters())
+    requested = backend
+    if backend == "auto":
+        backend = "graphs" if param.device.type == "cuda" else "generic"
+    if backend == "generic":
+        return HFRunner(model)
+    kept = _RUNNERS.setdefault(model, {})
+    key = (backend, param.device, param.dtype)
+    runner = kept.get(key)
+    if runner is None or runner.max_length < min(capacity, runner.model.max_position_embeddings):
+        from .backends.compact import DEFAULT_MAX_LENGTH, CompactRunner
         from .models import unsupported_reason
 
-        runner = CompactRunner.from_hf(model, max_length=capacity)
-        if runner is not None:
-            return runner
-        if backend == "compact":
-            raise ValueError(f"backend='compact' does not support this model: {unsupported_reason(model)}; "
-                             "use backend='generic'")
-    return HFRunner(model)
+        compact = CompactRunner.from_hf(model, max_length=max(capacity, DEFAULT_MAX_LENGTH))
+        if compact is None:
+            reason = unsupported_reason(model)
+            if requested != "auto":
+                raise ValueError(f"backend={backend!r} does not support this model: {reason}; "
+                                 "use backend='generic'")
+            _note_fallback(model, reason)
+            return HFRunner(model)
+        if backend == "graphs":
+            from .backends.cuda_graphs import GraphedCompactRunner
+
+            runner = GraphedCompactRunner(compact)
+        else:
+            runner = compact
+        kept.clear()  # one static cache per model at a time
+        kept[key] = runner
+    return runner
+
+
+_FALLBACKS: set[str] = set()
+
+
+def _note_fallback(model, reason: str) -> None:
+    name = type(model).__name__
+    if name not in _FALLBACKS:
+        _FALLBACKS.add(name)
+        print(f"specdec: {name} runs on the generic transformers backend ({reason})", file=sys.stderr, flush=True)
 
 
 def _eos_set(eos_token_id, model) -> set[int]:
@@ -140,8 +176,9 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
     ``model`` is a transformers causal LM (or a specdec Runner); ``drafter`` proposes
     token trees (None = plain decoding). Returns the sequences [1, prompt + new] and
     stats (steps, tau, acceptance histogram, draft / verify time). ``backend``: "auto"
-    (compact static-cache runtime on CUDA when the architecture is supported, else the
-    generic transformers backend), "generic" or "compact". ``adaptive``: a
+    (on CUDA the compact static-cache runtime with CUDA graphs when the architecture is
+    supported; otherwise the generic transformers backend), "generic", "compact" (eager)
+    or "graphs". ``adaptive``: a
     ``specdec.adaptive.BudgetController`` (or True: the drafter's own, else one kept per
     target; greedy only, so sampling stays reproducible per seed) picks each step's
     budget for throughput; an explicit ``budget`` pins it (with a controller given, it

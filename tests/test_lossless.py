@@ -1,5 +1,6 @@
 """Greedy speculative output must be token-identical to transformers' greedy output (fp32)."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -115,7 +116,7 @@ def test_repetition_penalty_greedy_matches_hf():
     assert out.sequences.tolist() == ref.tolist()
 
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(os.environ.get("SPECDEC_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def _real_prompts(tok, n=2):

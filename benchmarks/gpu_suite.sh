@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU checks of the fast path, stage by stage, each log and result under OUT.
+#
+#   benchmarks/gpu_suite.sh OUT build tests latency      # no model file needed
+#   SPECDEC_SMOLLM2_GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf \
+#     benchmarks/gpu_suite.sh OUT realtests real-fp32 real-bf16
+#
+# build      pip install -e . (CPU extension + CUDA ops for sm_90) and import checks
+# tests      every test marked `gpu` except the real-model ones
+# latency    benchmarks/bench_step_latency.py (random-weight SmolLM2 and Llama-3-8B shapes)
+# realtests  tests/test_real_model_gpu.py (fast path == generic == transformers, fp32)
+# real-fp32  benchmarks.run on the real SmolLM2, fp32: speed and exact match vs transformers
+# real-bf16  the same in bf16, exact match vs specdec's own plain decoding
+# Set LIMIT / PER_CATEGORY / NEW_TOKENS to size the benchmark runs (defaults 5 / 2 / 128).
+set -uo pipefail
+out=${1:?usage: gpu_suite.sh OUT STAGE...}; shift
+mkdir -p "$out"
+limit=${LIMIT:-5}; per_cat=${PER_CATEGORY:-2}; new=${NEW_TOKENS:-128}
+data=${SPECDEC_DATA_DIR:-../shared/data}
+methods='hf_greedy,hf_prompt_lookup_10,specdec_none,specdec_compact_none,specdec_ngram,specdec_recycling,specdec_ngram+recycling'
+
+bench() {  # dtype match-reference tag
+  timeout "${BENCH_TIMEOUT:-280}" python -m benchmarks.run --model "$SPECDEC_SMOLLM2_GGUF" --device cuda --dtype "$1" \
+    --data-dir "$data" --datasets humaneval,gsm8k,spec_bench --limit "$limit" --per-category "$per_cat" \
+    --max-new-tokens "$new" --adaptive --methods "$methods" --match-reference "$2" --tag "$3" \
+    --out "$out/real" > "$out/real-$1.log" 2>&1
+  echo "real-$1 rc=$?"; tail -25 "$out/real-$1.log"
+}
+
+for stage in "$@"; do
+  t0=$(date +%s)
+  case $stage in
+    build)
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
+      MAX_JOBS=16 python -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1
+      echo "build rc=$?"; tail -3 "$out/build.log"
+      python -c "import torch, triton, transformers, specdec; from specdec.ops import backend; \
+print(torch.__version__, triton.__version__, transformers.__version__, backend.describe())" 2>&1 | tee "$out/env.txt" ;;
+    tests)
+      timeout "${TESTS_TIMEOUT:-240}" python -m pytest -q -m gpu -rfEs --tb=short --ignore=tests/test_real_model_gpu.py \
+        tests > "$out/tests.log" 2>&1
+      echo "tests rc=$?"; grep -E "passed|failed|error" "$out/tests.log" | tail -15 ;;
+    latency)
+      timeout "${LATENCY_TIMEOUT:-200}" python benchmarks/bench_step_latency.py --out "$out" --tag h100 \
+        > "$out/latency.log" 2>&1
+      echo "latency rc=$?"; tail -40 "$out/latency.log" ;;
+    realtests)
+      timeout "${TESTS_TIMEOUT:-240}" python -m pytest -q -rfEs --tb=short tests/test_real_model_gpu.py \
+        > "$out/realtests.log" 2>&1
+      echo "realtests rc=$?"; tail -15 "$out/realtests.log" ;;
+    real-fp32) bench float32 hf_greedy fp32 ;;
+    real-bf16) bench bfloat16 specdec_none bf16 ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+  echo "[$stage: $(( $(date +%s) - t0 )) s]"
+done

@@ -298,6 +298,7 @@ def _timed_loop(args, ctx, prompts, active, memory) -> tuple[list, dict, bool]:
     """(records, failed, interrupted): every prompt through every active method, interleaved
     (each method sees the same machine load); Ctrl-C stops early and keeps what was measured."""
     records, failed = [], {}
+    _stop_on_sigterm()  # installed here, after loading and warm-ups (libraries may set their own)
     bar = _progress(sum(len(v) for v in prompts.values()), f"{len(active)} methods")
     index = 0
     try:
@@ -421,7 +422,6 @@ def main(argv=None, *, model=None, tokenizer=None, draft_model=None) -> int:
         loaded = models.Loaded(model, tokenizer, getattr(model.config, "name_or_path", "") or type(model).__name__)
     draft = models.Loaded(draft_model, tokenizer, "draft") if draft_model is not None else None
     t0 = time.perf_counter()
-    _stop_on_sigterm()
     results = run_benchmark(args, loaded=loaded, draft=draft)
     print(report.console_summary(results))
     print(f"\nwrote {', '.join(results['out_files'])} ({time.perf_counter() - t0:.0f} s)")

@@ -277,6 +277,7 @@ def test_capture_of_a_host_sync_falls_back_cuda():
     assert graphed.mode == "eager" and "capture of bucket 8 failed" in graphed.disabled_reason
     step, at = torch.tensor([3], device="cuda"), torch.tensor([5], device="cuda")
     assert_close(graphed.forward(step, at).cpu(), ref.forward(step, at).cpu(), 1e-4)
+    torch.randn(4, device="cuda")  # the sync was caught before capturing: the CUDA RNG still works
 
 
 # ----------------------------------------------------------------------------- benchmark script

@@ -254,9 +254,17 @@ class GraphedCompactRunner:
         torch.cuda.synchronize(dev)  # surface earlier asynchronous errors here, not in the capture
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS picks its kernels
-            for _ in range(self.warmup):
-                ref = self._static_forward(st)
+        # Warm-up (Triton compiles, cuBLAS picks its kernels) with host syncs made errors: a
+        # forward that syncs must fail here, before capturing -- an aborted capture leaves
+        # the CUDA RNG in capture state and breaks every later torch.randn in the process.
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    ref = self._static_forward(st)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
         torch.cuda.current_stream(dev).wait_stream(side)
         torch.cuda.synchronize(dev)
         if self._pool is None:

@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--latency-grid", default="0,1,2,4,8,16,32,64,128", help="tree sizes the latency sweep times")
     p.add_argument("--dtype", default=None, choices=sorted(models.DTYPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", default="auto", choices=["auto", "generic", "compact"])
+    p.add_argument("--backend", default="auto", choices=["auto", "generic", "compact", "graphs"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<date>-<device>/)")

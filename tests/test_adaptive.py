@@ -140,6 +140,25 @@ def test_controller_moves_when_the_stream_shifts():
     assert tails[0] >= 4 * tails[1] <= tails[2]  # ... and so do the choices, both ways
 
 
+def test_controller_probes_one_arm_above_its_choice():
+    """Every probe_every-th step plays the arm just above the best estimate, so a bigger
+    budget whose statistics went stale is measured again; with probing off it is not."""
+    sim = TreeSim(0.05, seed=5)  # drafts almost never hit: a small arm is best
+    picks = {}
+    for probe in (8, 0):
+        ctl = BudgetController(latency=_linear_latency(sim), probe_every=probe, explore=0.0)
+        [(p, rates)] = _drive(ctl, sim, [(0.05, 200)])
+        picks[probe] = p
+    base = picks[0][-100:]
+    assert len(set(base)) == 1  # greedy without probing sits on one arm ...
+    g = ctl.arms.index(base[0])
+    assert g + 1 < len(ctl.arms)  # ... which is not the largest
+    probed = picks[8]
+    ups = [i for i in range(100, 200) if i % 8 == 0]
+    assert all(ctl.arms.index(probed[i]) == g + 1 for i in ups)  # probes: one arm up
+    assert Counter(probed[-100:]).most_common(1)[0][0] == base[0]  # probing does not move the choice
+
+
 def test_controller_scalar_observations_only():
     """Without the trees (no counterfactual arms) it still finds a near-best budget."""
     sim = TreeSim(0.85, seed=3)

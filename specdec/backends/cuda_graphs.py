@@ -258,10 +258,11 @@ class GraphedCompactRunner:
         # forward that syncs must fail here, before capturing -- an aborted capture leaves
         # the CUDA RNG in capture state and breaks every later torch.randn in the process.
         previous = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode("error")
         try:
             with torch.cuda.stream(side):
-                for _ in range(self.warmup):
+                for i in range(self.warmup + 1):  # the first call may initialise lazily (and sync)
+                    if i == 1:
+                        torch.cuda.set_sync_debug_mode("error")
                     ref = self._static_forward(st)
         finally:
             torch.cuda.set_sync_debug_mode(previous)

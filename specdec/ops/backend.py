@@ -8,6 +8,7 @@ SPECDEC_TRITON_ON_CPU=1 (with TRITON_INTERPRET=1: run the Triton kernels on CPU 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import logging
@@ -52,10 +53,17 @@ def cuda_native():
     return _cuda_native or None
 
 
+@functools.lru_cache(maxsize=None)
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported (looked up once: a lookup stats the disk, and the
+    kernel dispatchers ask on every call)."""
+    return importlib.util.find_spec(module) is not None
+
+
 def has_triton() -> bool:
     if _overrides.get("triton") is False or os.environ.get("SPECDEC_DISABLE_TRITON") == "1":
         return False
-    return importlib.util.find_spec("triton") is not None
+    return _installed("triton")
 
 
 def use_triton(device: torch.device) -> bool:
@@ -72,7 +80,7 @@ def use_triton(device: torch.device) -> bool:
 
 
 def has_flash_attn() -> bool:
-    return _overrides.get("flash_attn", True) and importlib.util.find_spec("flash_attn") is not None
+    return _overrides.get("flash_attn", True) and _installed("flash_attn")
 
 
 @contextlib.contextmanager

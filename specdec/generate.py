@@ -207,6 +207,7 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
         raise ValueError(f"prompt holds token ids outside the model's vocabulary [0, {runner.vocab_size})")
     eos = _eos_set(eos_token_id, model)
     device = runner.device
+    fit_nodes = getattr(runner, "fit_nodes", None)  # runners that pad to buckets: no wasted slots
     if generator is None and seed is not None:
         generator = torch.Generator(device="cpu").manual_seed(seed)
 
@@ -230,8 +231,10 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
             warnings.warn(f"reached the model's context length {runner.max_length}; stopping early")
             break
         chosen = controller.choose(key) if choosing else cap
-        step_budget = TreeBudget(max_nodes=min(chosen.max_nodes, cap.max_nodes, room),
-                                 max_depth=min(chosen.max_depth, cap.max_depth, remaining - 1, room))
+        arm_budget = TreeBudget(max_nodes=min(chosen.max_nodes, cap.max_nodes, room),  # the controller's view
+                                max_depth=min(chosen.max_depth, cap.max_depth, remaining - 1, room))
+        step_budget = arm_budget if fit_nodes is None else \
+            TreeBudget(fit_nodes(arm_budget.max_nodes), arm_budget.max_depth)  # what is drafted
         t0 = time.perf_counter()
         request = DraftRequest(torch.tensor(tokens), step_budget, sp, generator)
         tree = drafter.propose(request) if step_budget.max_depth > 0 else TokenTree.empty()
@@ -259,7 +262,7 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
         stats.draft_time_s += t1 - t0
         if controller is not None:
             controller.observe(key, n, len(acc.accepted_nodes), t1 - t0, t2 - t1, tree=tree,
-                               accepted_nodes=acc.accepted_nodes, budget=step_budget)
+                               accepted_nodes=acc.accepted_nodes, budget=arm_budget)
 
         tokens.extend(new)
         stats.steps += 1

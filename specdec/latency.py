@@ -216,6 +216,8 @@ class LatencyModel:
         """The cached curve for this (model, dtype, device, backend), measured and saved
         on first use. ``runner`` is a specdec Runner (its cache is reset)."""
         key = key or latency_key(model if model is not None else runner, runner)
+        fit = getattr(runner, "fit_nodes", None)  # time the tree sizes this runner will really run
+        grid = sorted({fit(int(n)) if fit else int(n) for n in grid})
         if not refresh:
             hit = cls.cached(key, cache_dir)
             if hit is not None:

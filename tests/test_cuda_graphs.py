@@ -186,6 +186,49 @@ def test_generate_with_static_runner_is_lossless():
         assert torch.equal(out.sequences, want)
 
 
+def test_budgets_fit_the_padded_buckets(monkeypatch):
+    """A padded runner trims node budgets to fill buckets exactly (root + nodes = bucket):
+    with buckets 1, 4, 8, 16 a 5-node budget drafts 3 nodes and a 40-node one 15, at no
+    cost to losslessness."""
+    import specdec
+    from conftest import hf_greedy
+    from specdec.config import TreeBudget
+    from specdec.latency import LatencyModel
+
+    _, static = _pair("llama", "cpu", "static")
+    _, eager = _pair("llama", "cpu", "eager")
+    assert [static.fit_nodes(n) for n in (0, 1, 2, 3, 4, 7, 8, 15, 16, 40)] == [0, 1, 2, 3, 3, 7, 7, 15, 15, 15]
+    assert [eager.fit_nodes(n) for n in (3, 5, 9)] == [3, 5, 9]  # no padding, no trimming
+
+    target = make_hf("llama")
+    target.generation_config.eos_token_id = None
+    ids = torch.randint(0, V, (1, 6), generator=torch.Generator().manual_seed(4))
+    out = specdec.generate(static, ids, drafter=specdec.ModelDrafter(target, gamma=8, topk=2), max_new_tokens=20,
+                           budget=TreeBudget(max_nodes=5, max_depth=5))
+    assert torch.equal(out.sequences, hf_greedy(target, ids, 20))
+    assert set(out.stats.budgets) == {3} and max(out.stats.tree_sizes) <= 3
+
+    # the controller files each step under the arm it chose, not the trimmed budget
+    from specdec.adaptive import BudgetController, drafter_key
+
+    ctl = BudgetController(grid=(1, 4, 8), max_depth=8, warmup=3, latency=LatencyModel.from_function(lambda n: 1.0))
+    from test_lossless import FixedTreeDrafter
+
+    want = hf_greedy(target, ids, 20)
+    drafter = FixedTreeDrafter(want[0].tolist(), branches=3, depth=8, vocab=V)  # always fills the budget
+    out = specdec.generate(static, ids, drafter=drafter, max_new_tokens=20, adaptive=ctl)
+    assert torch.equal(out.sequences, want)
+    assert out.stats.budgets[:3] == [7, 7, 7]  # warm-up plays the largest arm, 8 nodes -> 7 (bucket 8)
+    assert (ctl._stats[drafter_key(drafter)].S > 0).all()  # ... and that step counts for arm 8 too
+
+    sizes = []
+    monkeypatch.setattr(LatencyModel, "measure", classmethod(  # record the grid instead of timing
+        lambda cls, fn, grid, **kw: sizes.extend(grid) or cls.from_function(lambda n: 1.0 + n)))
+    monkeypatch.setattr(LatencyModel, "save", lambda self, path: None)
+    LatencyModel.for_runner(static, grid=(0, 1, 2, 4, 8, 16, 32), refresh=True, key="t")
+    assert sizes == [0, 1, 2, 3, 7, 15]
+
+
 # ----------------------------------------------------------------------------- CUDA
 
 

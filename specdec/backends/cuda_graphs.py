@@ -183,6 +183,17 @@ class GraphedCompactRunner:
                 done.append(size)
         return done
 
+    def fit_nodes(self, n: int) -> int:
+        """The most tree nodes <= ``n`` whose forward (root + nodes) fills its padded bucket
+        exactly: a 4-node tree pays for an 8-slot bucket, 3 nodes fit in 4 for less.
+        ``generate`` trims every step's node budget with this; a budget past the largest
+        bucket is cut to fit it (a replay costs a fraction of the eager forward a bigger
+        tree would need). Without padding (eager mode) budgets are unchanged."""
+        if self.mode == "eager" or n < 1:
+            return n
+        fit = max(b for b in self.buckets if b <= n + 1) - 1
+        return fit if fit >= 1 else n  # never turn drafting off
+
     def describe(self) -> dict:
         return {"mode": self.mode, "buckets": list(self.buckets),
                 "captured": sorted(s for s, b in self._buckets.items() if b.graph is not None),

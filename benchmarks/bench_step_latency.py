@@ -36,6 +36,7 @@ import argparse
 import datetime as _dt
 import gc
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -72,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--no-hf", action="store_true", help="skip transformers generate")
     p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=True,
                    help="short timings (default); --no-quick repeats longer")
+    p.add_argument("--fused", action="store_true",
+                   help="use the fused RMSNorm / RoPE kernels (as SPECDEC_FUSED_KERNELS=1 does)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output folder")
     p.add_argument("--tag", default="", help="suffix for the output file names")
@@ -421,6 +424,8 @@ def to_markdown(meta: dict, results: list[dict]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.fused:
+        os.environ["SPECDEC_FUSED_KERNELS"] = "1"
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench_step_latency: needs a CUDA GPU (torch.cuda.is_available() is False). Nothing was run. "

@@ -8,6 +8,7 @@
 # build      pip install -e . (CPU extension + CUDA ops for sm_90) and import checks
 # tests      every test marked `gpu` except the real-model ones
 # latency    benchmarks/bench_step_latency.py (random-weight SmolLM2 and Llama-3-8B shapes)
+# latency-fused  the same with the fused RMSNorm / RoPE kernels (SPECDEC_FUSED_KERNELS=1)
 # realtests  tests/test_real_model_gpu.py (fast path == generic == transformers, fp32)
 # real-fp32  benchmarks.run on the real SmolLM2, fp32: speed and exact match vs transformers
 # real-bf16  the same in bf16, exact match vs specdec's own plain decoding
@@ -39,11 +40,18 @@ print(torch.__version__, triton.__version__, transformers.__version__, backend.d
     tests)
       timeout "${TESTS_TIMEOUT:-240}" python -m pytest -q -m gpu -rfEs --tb=short --ignore=tests/test_real_model_gpu.py \
         tests > "$out/tests.log" 2>&1
-      echo "tests rc=$?"; grep -E "passed|failed|error" "$out/tests.log" | tail -15 ;;
+      echo "tests rc=$?"; grep -E "passed|failed|error" "$out/tests.log" | tail -15
+      # not marked gpu (they also run on CPU), but their fp16/bf16 cases need CUDA
+      timeout 120 python -m pytest -q -rfE --tb=short tests/test_fused_kernels.py > "$out/tests-fused.log" 2>&1
+      echo "fused-kernel tests rc=$?"; tail -3 "$out/tests-fused.log" ;;
     latency)
       timeout "${LATENCY_TIMEOUT:-200}" python benchmarks/bench_step_latency.py --out "$out" --tag h100 \
         > "$out/latency.log" 2>&1
       echo "latency rc=$?"; tail -40 "$out/latency.log" ;;
+    latency-fused)
+      timeout "${LATENCY_TIMEOUT:-200}" python benchmarks/bench_step_latency.py --fused --out "$out" \
+        --tag h100_fused > "$out/latency-fused.log" 2>&1
+      echo "latency-fused rc=$?"; tail -40 "$out/latency-fused.log" ;;
     realtests)
       timeout "${TESTS_TIMEOUT:-240}" python -m pytest -q -rfEs --tb=short tests/test_real_model_gpu.py \
         > "$out/realtests.log" 2>&1

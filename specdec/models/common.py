@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import attention as attn_ops
+from ..ops import norm as norm_ops
 from .kv_cache import StaticKVCache
 
 # RoPE variants whose frequencies do not depend on the sequence length.
@@ -36,11 +37,7 @@ class RMSNorm(nn.Module):
         self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim]
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.offset:
-            return (xf * (1.0 + self.weight.float())).type_as(x)
-        return self.weight * xf.to(x.dtype)
+        return norm_ops.rms_norm(x, self.weight, self.eps, self.offset)
 
 
 class GatedMLP(nn.Module):
@@ -101,13 +98,6 @@ def rope_cos_sin(inv_freq: torch.Tensor, scale: float, positions: torch.Tensor,
     freqs = positions[:, None].float() * inv_freq[None, :]  # [m, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [m, D]
     return (emb.cos() * scale).to(dtype)[:, None], (emb.sin() * scale).to(dtype)[:, None]
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [m, H, D] rotated by cos/sin [m, 1, D] (rotate-half convention)."""
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rot * sin
 
 
 # ----------------------------------------------------------------------------- attention

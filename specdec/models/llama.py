@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import AttnMeta, CompactModel, GatedMLP, RMSNorm, _attend, apply_rope, rope_unsupported
+from ..ops.rope import apply_rope
+from .common import AttnMeta, CompactModel, GatedMLP, RMSNorm, _attend, rope_unsupported
 from .kv_cache import StaticKVCache
 
 
@@ -48,7 +49,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(m, -1, d)  # [m, Hkv, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
+        q, k = apply_rope(q, k, *cos_sin)
         cache.write(layer, meta.write_at, k, v)  # a start slot, or [m] slots (graph-safe)
         o = _attend(q, cache.k[layer], cache.v[layer], meta,  # cache.k[layer]: [Hkv, S_max, D]
                     window=self.window, scale=self.scale, softcap=self.softcap)  # [m, Hq, D]

@@ -1,9 +1,11 @@
 """The one place that decides which native/kernel backends specdec uses.
 
-Everything else asks this module (``backend.native()``, ``backend.use_triton()``)
+Everything else asks this module (``backend.native()``, ``backend.use_triton()``,
+``backend.use_fused()``)
 instead of try-importing. Tests override with ``backend.override(...)`` or the
 environment variables SPECDEC_DISABLE_NATIVE=1 / SPECDEC_DISABLE_TRITON=1 /
-SPECDEC_TRITON_ON_CPU=1 (with TRITON_INTERPRET=1: run the Triton kernels on CPU tensors).
+SPECDEC_TRITON_ON_CPU=1 (with TRITON_INTERPRET=1: run the Triton kernels on CPU tensors) /
+SPECDEC_FUSED_KERNELS=1 (opt in to the fused RMSNorm and RoPE kernels).
 """
 from __future__ import annotations
 
@@ -79,6 +81,15 @@ def use_triton(device: torch.device) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("SPECDEC_TRITON_ON_CPU") == "1"
 
 
+def use_fused(device: torch.device) -> bool:
+    """The fused elementwise kernels (RMSNorm, RoPE): opt-in while they are new, with
+    SPECDEC_FUSED_KERNELS=1 or ``override(fused=True)``, wherever ``use_triton`` holds."""
+    wanted = _overrides.get("fused")
+    if wanted is None:
+        wanted = os.environ.get("SPECDEC_FUSED_KERNELS") == "1"
+    return bool(wanted) and use_triton(device)
+
+
 def has_flash_attn() -> bool:
     return _overrides.get("flash_attn", True) and _installed("flash_attn")
 
@@ -97,4 +108,5 @@ def override(**flags: bool):
 
 def describe() -> dict:
     return {"native": native() is not None, "cuda_native": cuda_native() is not None,
-            "triton": has_triton(), "flash_attn": has_flash_attn(), "torch": torch.__version__}
+            "triton": has_triton(), "fused_kernels": torch.cuda.is_available() and use_fused(torch.device("cuda")),
+            "flash_attn": has_flash_attn(), "torch": torch.__version__}

@@ -1,0 +1,38 @@
+"""Triton RMSNorm: one program per row, the whole row in registers.
+
+Matches ``specdec.ops.norm.rms_norm_ref`` (transformers' Llama / Gemma RMSNorm):
+x_hat = x * rsqrt(mean(x^2) + eps) in fp32, then
+- Llama: ``weight * x_hat.to(dtype)`` (the product rounded once to the model dtype);
+- Gemma (``offset``): ``(x_hat * (1 + weight)).to(dtype)``.
+In fp32 only the order of the row sum differs from PyTorch's.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_cols, s_x, s_out, eps,
+                     OFFSET: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    live = cols < n_cols
+    x = tl.load(x_ptr + row * s_x + cols, mask=live, other=0.0).to(tl.float32)
+    x_hat = x * tl.math.rsqrt(tl.sum(x * x, 0) / n_cols + eps)
+    w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)
+    if OFFSET:
+        y = x_hat * (1.0 + w)
+    else:  # x_hat is rounded to the model dtype before the weight multiplies it
+        y = w * x_hat.to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * s_out + cols, y.to(out_ptr.dtype.element_ty), mask=live)
+
+
+def rms_norm(x,       # [rows, dim], last dim contiguous
+             weight,  # [dim]
+             out,     # [rows, dim], written
+             eps: float, offset: bool):
+    rows, dim = x.shape
+    if rows == 0:
+        return out
+    _rms_norm_kernel[(rows,)](x, weight, out, dim, x.stride(0), out.stride(0), eps,
+                              OFFSET=offset, BLOCK=triton.next_power_of_2(dim))
+    return out

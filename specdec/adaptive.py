@@ -157,6 +157,7 @@ class _Stats:
         self.drift = 0.0  # EMA of the played arm's standardised surprise (change detection)
         self.calibrators: dict[str, AcceptanceCalibrator] = {}
         self.last: TreeBudget | None = None
+        self.last_probe = 0  # the step of the last probe
         self._est = None
 
     def decay(self, g: float) -> None:
@@ -190,15 +191,18 @@ class BudgetController:
     shift_z:    change detection: when the EMA (rate 0.1) of the played arm's z-score
                 exceeds this, all statistics but ``shift_keep`` of their weight are dropped.
     min_depth:  chain stopping never stops before this many tokens.
-    probe_every: every this many steps play the arm just above the best estimate: one
-                step of a bigger tree refreshes every arm up to it, so a budget that
-                fell behind on stale statistics is re-measured (0 = never probe).
+    probe_every: at most every this many steps play the arm just above the best
+                estimate: one step of a bigger tree refreshes every arm up to it, so a
+                budget that fell behind on stale statistics is re-measured (0 = never).
+    probe_cost: probes are spaced so that their extra verify cost stays under this
+                share of the time (a probe of an arm 2x as costly waits 1 / 0.02 = 50 steps).
     """
 
     def __init__(self, *, grid: Sequence[int] = DEFAULT_GRID, max_depth: int = 8,
                  arms: Sequence[TreeBudget] | None = None, latency: LatencyModel | None = None,
                  discount: float = 0.99, explore: float = 0.3, warmup: int = 8, ridge: float = 1e-3,
-                 min_depth: int = 1, shift_z: float = 1.0, shift_keep: float = 0.05, probe_every: int = 8):
+                 min_depth: int = 1, shift_z: float = 1.0, shift_keep: float = 0.05, probe_every: int = 8,
+                 probe_cost: float = 0.02):
         arms = list(arms) if arms is not None else [TreeBudget(n, min(n, max_depth)) for n in grid]
         if not arms:
             raise ValueError("BudgetController needs at least one arm")
@@ -207,7 +211,7 @@ class BudgetController:
         self.discount, self.explore, self.warmup = float(discount), float(explore), int(warmup)
         self.ridge, self.min_depth = float(ridge), int(min_depth)
         self.shift_z, self.shift_keep = float(shift_z), float(shift_keep)
-        self.probe_every = int(probe_every)
+        self.probe_every, self.probe_cost = int(probe_every), float(probe_cost)
         self._stats: dict[str, _Stats] = {}
 
     @property
@@ -241,8 +245,12 @@ class BudgetController:
             idx = self._estimates(st, bonus=True)[0]
             best = float(idx.max())
             i = max(i for i, v in enumerate(idx) if v >= best * (1 - 1e-9))
-            if self.probe_every and st.steps % self.probe_every == 0:
-                i = min(i + 1, len(self.arms) - 1)  # probe one arm up
+            if self.probe_every and i + 1 < len(self.arms):
+                cost = self._estimates(st, bonus=False)[2]
+                wait = max(self.probe_every, (cost[i + 1] / cost[i] - 1.0) / max(self.probe_cost, 1e-9))
+                if st.steps - st.last_probe >= wait:
+                    i += 1  # probe one arm up
+                    st.last_probe = st.steps
             choice = self.arms[i]
         st.last = choice
         return choice

@@ -141,22 +141,29 @@ def test_controller_moves_when_the_stream_shifts():
 
 
 def test_controller_probes_one_arm_above_its_choice():
-    """Every probe_every-th step plays the arm just above the best estimate, so a bigger
-    budget whose statistics went stale is measured again; with probing off it is not."""
-    sim = TreeSim(0.05, seed=5)  # drafts almost never hit: a small arm is best
-    picks = {}
-    for probe in (8, 0):
-        ctl = BudgetController(latency=_linear_latency(sim), probe_every=probe, explore=0.0)
-        [(p, rates)] = _drive(ctl, sim, [(0.05, 200)])
-        picks[probe] = p
-    base = picks[0][-100:]
+    """Every probe_every-th step (at most) plays the arm just above the best estimate, so a
+    bigger budget whose statistics went stale is measured again; probes of a costlier arm
+    are spaced to cost at most ``probe_cost`` of the time; with probing off, none."""
+    sim = TreeSim(0.05, seed=5, b=0.004)  # drafts almost never hit: the 1-node arm is best
+    picks, ctls = {}, {}
+    for name, kw in (("off", dict(probe_every=0)), ("every8", dict(probe_every=8, probe_cost=10.0)),
+                     ("cheap", dict(probe_every=8, probe_cost=0.02))):
+        ctls[name] = BudgetController(latency=_linear_latency(sim), explore=0.0, **kw)
+        [(picks[name], rates)] = _drive(ctls[name], sim, [(0.05, 200)])
+    arms = ctls["off"].arms
+    base = picks["off"][-100:]
     assert len(set(base)) == 1  # greedy without probing sits on one arm ...
-    g = ctl.arms.index(base[0])
-    assert g + 1 < len(ctl.arms)  # ... which is not the largest
-    probed = picks[8]
-    ups = [i for i in range(100, 200) if i % 8 == 0]
-    assert all(ctl.arms.index(probed[i]) == g + 1 for i in ups)  # probes: one arm up
-    assert Counter(probed[-100:]).most_common(1)[0][0] == base[0]  # probing does not move the choice
+    g = arms.index(base[0])
+    assert g + 1 < len(arms)  # ... which is not the largest
+    for name in ("every8", "cheap"):
+        tail = picks[name][-100:]
+        assert Counter(tail).most_common(1)[0][0] == base[0]  # probing does not move the choice
+        assert {arms.index(p) for p in tail} <= {g, g + 1}  # probes go one arm up
+    ups = {name: sum(p == arms[g + 1] for p in picks[name][-100:]) for name in ("every8", "cheap")}
+    assert 11 <= ups["every8"] <= 14  # one step in 8
+    est = ctls["cheap"]._estimates(ctls["cheap"]._stats["sim"], bonus=False)[2]
+    ratio = est[g + 1] / est[g]
+    assert ratio > 1.2 and 0 < ups["cheap"] <= 100 * 0.02 / (ratio - 1) + 1  # spaced by their cost
 
 
 def test_controller_scalar_observations_only():

@@ -1,0 +1,35 @@
+"""HFRunner's CPU padding of 2- and 3-token forwards (see generic.CPU_PAD_TO): the real
+rows' logits and the cache are those of the unpadded forward."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specdec.backends import generic
+from specdec.backends.generic import HFRunner
+from conftest import tiny_model
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("m,masked", [(2, False), (3, False), (2, True), (3, True)])
+def test_padded_forward_equals_unpadded(family, m, masked, monkeypatch):
+    model = tiny_model(family, layers=3)
+    ids = torch.randint(0, 96, (20,), generator=torch.Generator().manual_seed(m))
+
+    def run(pad_to):
+        monkeypatch.setattr(generic, "CPU_PAD_TO", pad_to)
+        r = HFRunner(model)
+        r.forward(ids[:12], torch.arange(12))
+        mask = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)[:m, :m] if masked else None
+        pos = torch.tensor([12, 13, 13])[:m] if masked else torch.arange(12, 12 + m)
+        logits = r.forward(ids[12:12 + m], pos, tree_mask=mask)
+        assert r.length == 12 + m and r.key_pos.tolist() == list(range(12)) + pos.tolist()
+        r.keep(12, torch.tensor([0]))
+        nxt = r.forward(ids[15:16], torch.tensor([13]))  # the cache after keep is the same too
+        return logits, nxt, [layer.keys.clone() for layer in r.cache.layers]
+
+    (l1, n1, k1), (l4, n4, k4) = run(1), run(4)
+    torch.testing.assert_close(l4, l1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(n4, n1, rtol=1e-5, atol=1e-5)
+    for a, b in zip(k1, k4):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

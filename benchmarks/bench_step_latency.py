@@ -143,16 +143,6 @@ def copy_bandwidth(device: torch.device, timer: Timer) -> dict:
     return {"bytes": nbytes, "ms": ms, "GBps": 2 * nbytes / (ms * 1e-3) / 1e9}
 
 
-def warm_gpu(seconds: float = 0.5) -> None:
-    """Matrix products for a moment so clocks are up before the first timing."""
-    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        for _ in range(10):
-            a @ a
-        torch.cuda.synchronize()
-
-
 # ----------------------------------------------------------------------------- models
 
 def shape_config(shape: str) -> dict:
@@ -456,6 +446,8 @@ def main(argv=None) -> int:
         meta["sm_count"] = torch.cuda.get_device_properties(device).multi_processor_count
     print(f"# {meta['gpu']} | " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), flush=True)
     if device.type == "cuda":
+        from benchmarks.bench_tree_attention import warm_gpu
+
         warm_gpu()
     meta["copy_bandwidth"] = copy_bandwidth(device, timer)
     bw = meta["copy_bandwidth"]["GBps"]

@@ -253,7 +253,7 @@ def _setup_methods(args, ctx, prompts) -> tuple[list, list, dict]:
                                   compact=args.compact or "compact" in (args.methods or ""))
     chosen, unknown = methods.select(catalogue, args.methods)
     # the reference runs first per prompt, then the exact-match reference (when another method)
-    match = [m for m in catalogue if m.name == args.match_reference != REFERENCE]
+    match = [] if args.match_reference == REFERENCE else [m for m in catalogue if m.name == args.match_reference]
     if args.match_reference != REFERENCE and not match:
         raise SystemExit(f"--match-reference {args.match_reference}: no such method")
     chosen = [catalogue[0]] + match + [m for m in chosen if m.name not in (REFERENCE, args.match_reference)]

@@ -242,11 +242,10 @@ class BudgetController:
         if st.steps < self.warmup:
             choice = self.arms[-1]
         else:
-            idx = self._estimates(st, bonus=True)[0]
+            idx, _, cost = self._estimates(st, bonus=True)
             best = float(idx.max())
             i = max(i for i, v in enumerate(idx) if v >= best * (1 - 1e-9))
             if self.probe_every and i + 1 < len(self.arms):
-                cost = self._estimates(st, bonus=False)[2]
                 wait = max(self.probe_every, (cost[i + 1] / cost[i] - 1.0) / max(self.probe_cost, 1e-9))
                 if st.steps - st.last_probe >= wait:
                     i += 1  # probe one arm up

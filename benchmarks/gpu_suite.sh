@@ -12,13 +12,16 @@
 # realtests  tests/test_real_model_gpu.py (fast path == generic == transformers, fp32)
 # real-fp32  benchmarks.run on the real SmolLM2, fp32: speed and exact match vs transformers
 # real-bf16  the same in bf16, exact match vs specdec's own plain decoding
-# Set LIMIT / PER_CATEGORY / NEW_TOKENS to size the benchmark runs (defaults 5 / 2 / 128).
+# Set LIMIT / PER_CATEGORY / NEW_TOKENS to size the benchmark runs (defaults 5 / 2 / 128),
+# METHODS to replace the benchmark methods, TAG to name the latency files (default: the GPU's model).
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUT STAGE...}; shift
 mkdir -p "$out"
 limit=${LIMIT:-5}; per_cat=${PER_CATEGORY:-2}; new=${NEW_TOKENS:-128}
 data=${SPECDEC_DATA_DIR:-../shared/data}
-methods='hf_greedy,hf_prompt_lookup_10,specdec_none,specdec_compact_none,specdec_ngram,specdec_recycling,specdec_ngram+recycling'
+methods=${METHODS:-'hf_greedy,hf_prompt_lookup_10,specdec_none,specdec_compact_none,specdec_ngram,specdec_recycling,specdec_ngram+recycling'}
+tag=${TAG:-$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -oiE 'h100|h200|a100|l40s|b200' | tr 'A-Z' 'a-z')}
+tag=${tag:-gpu}
 
 bench() {  # dtype match-reference tag
   timeout "${BENCH_TIMEOUT:-280}" python -m benchmarks.run --model "$SPECDEC_SMOLLM2_GGUF" --device cuda --dtype "$1" \
@@ -45,12 +48,12 @@ print(torch.__version__, triton.__version__, transformers.__version__, backend.d
       timeout 120 python -m pytest -q -rfE --tb=short tests/test_fused_kernels.py > "$out/tests-fused.log" 2>&1
       echo "fused-kernel tests rc=$?"; tail -3 "$out/tests-fused.log" ;;
     latency)
-      timeout "${LATENCY_TIMEOUT:-200}" python benchmarks/bench_step_latency.py --out "$out" --tag h100 \
+      timeout "${LATENCY_TIMEOUT:-200}" python benchmarks/bench_step_latency.py --out "$out" --tag "$tag" \
         > "$out/latency.log" 2>&1
       echo "latency rc=$?"; tail -40 "$out/latency.log" ;;
     latency-fused)
       timeout "${LATENCY_TIMEOUT:-200}" python benchmarks/bench_step_latency.py --fused --out "$out" \
-        --tag h100_fused > "$out/latency-fused.log" 2>&1
+        --tag "${tag}_fused" > "$out/latency-fused.log" 2>&1
       echo "latency-fused rc=$?"; tail -40 "$out/latency-fused.log" ;;
     realtests)
       timeout "${TESTS_TIMEOUT:-240}" python -m pytest -q -rfEs --tb=short tests/test_real_model_gpu.py \

@@ -73,8 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--no-hf", action="store_true", help="skip transformers generate")
     p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=True,
                    help="short timings (default); --no-quick repeats longer")
-    p.add_argument("--fused", action="store_true",
-                   help="use the fused RMSNorm / RoPE kernels (as SPECDEC_FUSED_KERNELS=1 does)")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="the fused RMSNorm / RoPE kernels on or off (SPECDEC_FUSED_KERNELS=1 / 0); "
+                        "default: the library's choice (on for CUDA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output folder")
     p.add_argument("--tag", default="", help="suffix for the output file names")
@@ -414,8 +415,8 @@ def to_markdown(meta: dict, results: list[dict]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.fused:
-        os.environ["SPECDEC_FUSED_KERNELS"] = "1"
+    if args.fused is not None:
+        os.environ["SPECDEC_FUSED_KERNELS"] = "1" if args.fused else "0"
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench_step_latency: needs a CUDA GPU (torch.cuda.is_available() is False). Nothing was run. "

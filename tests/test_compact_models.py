@@ -14,7 +14,7 @@ import torch
 import transformers as tf
 
 from specdec.backends.compact import CompactRunner
-from specdec.models import CompactModel, from_pretrained, load_compact
+from specdec.models import CompactModel, compact_class, from_pretrained, load_compact
 
 V = 96  # vocab
 _BASE = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -174,6 +174,35 @@ def test_shares_weights_with_hf_model():
     assert isinstance(model, CompactModel)
     q = hf_model.model.layers[0].self_attn.q_proj.weight
     assert model.model.layers[0].self_attn.q_proj.weight.data_ptr() == q.data_ptr()
+
+
+@pytest.mark.parametrize("name", ["qwen2-bias", "gemma3"])
+def test_fused_projections_share_memory_and_keep_logits(name):
+    """q/k/v and gate/up run as one GEMM each over one weight tensor; the HF model's
+    parameters become views of it (no second copy) and both models' logits stay put."""
+    hf_model = make_hf(name)
+    ids = _tokens(9, seed=3)
+    before = ref_logits(hf_model, ids)
+    unfused = compact_class(hf_model.config).from_state_dict(hf_model.config, hf_model.state_dict(), fuse=False)
+    model = load_compact(hf_model)
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    assert attn.qkv_weight is not None and mlp.gate_up_weight is not None
+    assert unfused.model.layers[1].self_attn.qkv_weight is None
+    hf_attn, hf_mlp = hf_model.model.layers[1].self_attn, hf_model.model.layers[1].mlp
+    q_rows = attn.q_proj.out_features
+    assert hf_attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()
+    assert hf_attn.k_proj.weight.data_ptr() == attn.qkv_weight[q_rows:].data_ptr()
+    assert hf_mlp.up_proj.weight.data_ptr() == mlp.gate_up_weight[mlp.gate_proj.out_features:].data_ptr()
+    if name == "qwen2-bias":
+        assert hf_attn.v_proj.bias.data_ptr() == attn.qkv_bias[q_rows + attn.k_proj.out_features:].data_ptr()
+    assert torch.equal(ref_logits(hf_model, ids), before)  # the HF model is unchanged
+    outs = []
+    for m in (unfused, model):
+        runner = CompactRunner(m, max_length=32)
+        with torch.no_grad():
+            outs.append(runner.forward(ids, torch.arange(len(ids))).float())
+    assert_close(outs[1], before)
+    assert_close(outs[0], outs[1], rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["qwen2-bias", "llama3-rope-tied", "gemma3"])

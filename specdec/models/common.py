@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import activation as act_ops
 from ..ops import attention as attn_ops
 from ..ops import norm as norm_ops
 from .kv_cache import StaticKVCache
@@ -39,9 +40,37 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim]
         return norm_ops.rms_norm(x, self.weight, self.eps, self.offset)
 
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + delta), x + delta): a residual add and this norm in one launch when fused."""
+        return norm_ops.add_rms_norm(x, delta, self.weight, self.eps, self.offset)
+
+
+def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the weights (and biases) of linears that read the same input into one
+    [sum of out_features, in] tensor, and make each linear's weight a row-slice view of it.
+
+    One GEMM then replaces len(linears) of them (on a GPU decoding from CUDA graphs every
+    launch counts) and no memory is spent once the old tensors are dropped. A missing
+    bias among present ones becomes zeros in the fused bias (x + 0 == x exactly)."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])  # [sum out, in]
+    bias = None
+    if any(lin.bias is not None for lin in linears):
+        bias = torch.cat([lin.bias.detach() if lin.bias is not None else
+                          lin.weight.new_zeros(lin.out_features) for lin in linears])
+    row = 0
+    for lin in linears:
+        rows = slice(row, row + lin.out_features)
+        row += lin.out_features
+        lin.weight = nn.Parameter(weight[rows], requires_grad=False)
+        if lin.bias is not None:
+            lin.bias = nn.Parameter(bias[rows], requires_grad=False)
+    return weight, bias
+
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)): SwiGLU for Llama, GeGLU-tanh for Gemma."""
+    """down(act(gate(x)) * up(x)): SwiGLU for Llama, GeGLU-tanh for Gemma.
+
+    After ``fuse_projections`` gate and up are one GEMM over a [2 * inter, hidden] weight."""
 
     def __init__(self, hidden: int, inter: int, act: str):
         super().__init__()
@@ -51,9 +80,21 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
         self.act_fn = ACT2FN[act]
+        self.silu = act in ("silu", "swish")  # SwiGLU: ops.activation.silu_mul
+        self.register_buffer("gate_up_weight", None, persistent=False)  # [2 * inter, hidden] once fused
+        self.register_buffer("gate_up_bias", None, persistent=False)
+
+    def fuse_projections(self) -> None:
+        self.gate_up_weight, self.gate_up_bias = fuse_linears([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [m, hidden]
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is None:
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)  # [m, 2 * inter]
+        if self.silu:
+            return self.down_proj(act_ops.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)  # [m, inter] each
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 # ----------------------------------------------------------------------------- rope
@@ -283,6 +324,21 @@ class CompactModel(nn.Module):
         meta = AttnMeta(start, positions, None, tree_mask, None, slots=slots)
         return self._run(input_ids, positions, cache, meta)
 
+    def fuse_projections(self, share_with: nn.Module | None = None) -> None:
+        """Fuse each layer's q/k/v and gate/up projections into one GEMM each (see
+        ``fuse_linears``). With ``share_with`` (the transformers model these weights came
+        from) its parameters of the same names are pointed at the fused views, layer by
+        layer, so the two models keep sharing one copy of the weights."""
+        hf_params = dict(share_with.named_parameters()) if share_with is not None else {}
+        for i, layer in enumerate(self.model.layers):
+            for sub in (layer.self_attn, layer.mlp):
+                sub.fuse_projections()
+            prefix = f"model.layers.{i}."
+            for name, p in layer.named_parameters():
+                hp = hf_params.get(prefix + name)
+                if hp is not None and hp.shape == p.shape and hp.data_ptr() != p.data_ptr():
+                    hp.data = p.data
+
     def static_forward_issue(self) -> str | None:
         """Why ``forward_static`` cannot run this model, or None."""
         for i, layer in enumerate(self.model.layers):
@@ -295,14 +351,17 @@ class CompactModel(nn.Module):
         x = self.embed(input_ids)  # [m, hidden]
         rope = {key: rope_cos_sin(getattr(self, f"inv_freq_{key}"), getattr(self, f"rope_scale_{key}"),
                                   positions, x.dtype) for key in self.rope_keys}
+        delta = None  # a block's last residual add, left to the next norm (see llama.Block)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, rope[layer.rope_key], cache, i, meta)
-        return self.logits(self.model.norm(x))  # [m, vocab]
+            x, delta = layer(x, rope[layer.rope_key], cache, i, meta, delta)
+        h = self.model.norm(x) if delta is None else self.model.norm.add_forward(x, delta)[0]
+        return self.logits(h)  # [m, vocab]
 
     # --- loading
     @classmethod
-    def from_state_dict(cls, config, state: dict[str, torch.Tensor]) -> CompactModel:
-        """Build from HF-named tensors; the model references them (``assign=True``)."""
+    def from_state_dict(cls, config, state: dict[str, torch.Tensor], *, fuse: bool = True) -> CompactModel:
+        """Build from HF-named tensors; the model references them (``assign=True``), then
+        (``fuse``) concatenates each layer's q/k/v and gate/up weights (``fuse_projections``)."""
         reason = cls.unsupported_reason(config)
         if reason is not None:
             raise ValueError(f"{cls.__name__}: unsupported model ({reason})")
@@ -318,6 +377,9 @@ class CompactModel(nn.Module):
         model.load_state_dict(state, strict=True, assign=True)
         model.requires_grad_(False).eval()
         model._init_rope()
+        if fuse:
+            del state
+            model.fuse_projections()
         return model
 
     @classmethod
@@ -326,7 +388,9 @@ class CompactModel(nn.Module):
         reason = hf_model_issue(hf_model)
         if reason is not None:
             raise ValueError(f"{cls.__name__}: cannot run this model ({reason})")
-        return cls.from_state_dict(hf_model.config, hf_model.state_dict())
+        model = cls.from_state_dict(hf_model.config, hf_model.state_dict(), fuse=False)
+        model.fuse_projections(share_with=hf_model)  # hf_model's q/k/v, gate/up become views too
+        return model
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, gguf_file: str | None = None, dtype: torch.dtype | None = None,

@@ -31,11 +31,13 @@ class Gemma3Block(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(hidden, eps, offset=True)
         self.rope_key = layer_type
 
-    def forward(self, x, cos_sin, cache, layer, meta):  # x [m, hidden]
+    def forward(self, x, cos_sin, cache, layer, meta, delta=None):  # x [m, hidden]; see llama.Block
+        if delta is not None:
+            x = x + delta
         h = self.self_attn(self.input_layernorm(x), cos_sin, cache, layer, meta)
         x = x + self.post_attention_layernorm(h)
         h = self.mlp(self.pre_feedforward_layernorm(x))
-        return x + self.post_feedforward_layernorm(h)
+        return x + self.post_feedforward_layernorm(h), None
 
 
 class Gemma3Compact(CompactModel):

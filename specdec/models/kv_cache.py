@@ -63,13 +63,7 @@ class StaticKVCache:
         """k, v [m, Hkv, D] -> slots [start, start + m) of ``layer``; or, with ``start`` an
         [m] int64 tensor of slot indices on the cache's device, -> those slots (index_copy_:
         no host sync, so a CUDA graph can replay it at other slots)."""
-        if isinstance(start, torch.Tensor):
-            self.k[layer].index_copy_(1, start, k.transpose(0, 1))
-            self.v[layer].index_copy_(1, start, v.transpose(0, 1))
-            return
-        m = k.shape[0]
-        self.k[layer, :, start:start + m] = k.transpose(0, 1)
-        self.v[layer, :, start:start + m] = v.transpose(0, 1)
+        kv_ops.write_kv(self.k[layer], self.v[layer], start, k, v)
 
     def keep(self, start: int, keep_idx: torch.Tensor) -> None:
         """Keep entries [0, start) plus start + keep_idx (increasing, [a] int64), compacted

@@ -7,10 +7,11 @@ config, RoPE scaling (linear, llama3, yarn) from transformers' own rope function
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..ops.rope import apply_rope
-from .common import AttnMeta, CompactModel, GatedMLP, RMSNorm, _attend, rope_unsupported
+from ..ops.rope import apply_rope_and_write
+from .common import AttnMeta, CompactModel, GatedMLP, RMSNorm, _attend, fuse_linears, rope_unsupported
 from .kv_cache import StaticKVCache
 
 
@@ -40,17 +41,29 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.rope_key = rope_key
+        self.qkv_sizes = [hq * head_dim, hkv * head_dim, hkv * head_dim]
+        self.register_buffer("qkv_weight", None, persistent=False)  # [sum(qkv_sizes), hidden] once fused
+        self.register_buffer("qkv_bias", None, persistent=False)
+
+    def fuse_projections(self) -> None:
+        """q, k and v as one GEMM (``common.fuse_linears``)."""
+        self.qkv_weight, self.qkv_bias = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [m, hidden] -> q [m, Hq*D], k [m, Hkv*D], v [m, Hkv*D] (views of one GEMM once fused)."""
+        if self.qkv_weight is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return F.linear(x, self.qkv_weight, self.qkv_bias).split(self.qkv_sizes, dim=-1)
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], cache: StaticKVCache,
                 layer: int, meta: AttnMeta) -> torch.Tensor:
         m, d = x.shape[0], self.head_dim
-        q = self.q_proj(x).view(m, -1, d)  # [m, Hq, D]
-        k = self.k_proj(x).view(m, -1, d)  # [m, Hkv, D]
-        v = self.v_proj(x).view(m, -1, d)  # [m, Hkv, D]
+        q, k, v = self.project_qkv(x)
+        q, k, v = q.view(m, -1, d), k.view(m, -1, d), v.view(m, -1, d)  # [m, Hq | Hkv | Hkv, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, k, *cos_sin)
-        cache.write(layer, meta.write_at, k, v)  # a start slot, or [m] slots (graph-safe)
+        # q rotated; rotated k and v stored at a start slot, or at [m] slots (graph-safe)
+        q = apply_rope_and_write(q, k, v, *cos_sin, cache.k[layer], cache.v[layer], meta.write_at)
         o = _attend(q, cache.k[layer], cache.v[layer], meta,  # cache.k[layer]: [Hkv, S_max, D]
                     window=self.window, scale=self.scale, softcap=self.softcap)  # [m, Hq, D]
         return self.o_proj(o.reshape(m, -1))  # [m, hidden]
@@ -65,9 +78,13 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rope_key = "default"
 
-    def forward(self, x, cos_sin, cache, layer, meta):  # x [m, hidden]
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, cache, layer, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos_sin, cache, layer, meta, delta=None):
+        """x [m, hidden] the residual stream, delta the previous block's MLP output still to
+        be added (None for the first block) -> (x, this block's MLP output, not yet added):
+        each residual add runs inside the next norm (``RMSNorm.add_forward``)."""
+        h, x = (self.input_layernorm(x), x) if delta is None else self.input_layernorm.add_forward(x, delta)
+        h, x = self.post_attention_layernorm.add_forward(x, self.self_attn(h, cos_sin, cache, layer, meta))
+        return x, self.mlp(h)
 
 
 class LlamaCompact(CompactModel):

@@ -24,6 +24,22 @@ from . import backend
 _fakes_registered = False
 
 
+def write_kv(k_cache: torch.Tensor,  # [Hkv, S_max, D] one layer
+             v_cache: torch.Tensor,  # [Hkv, S_max, D]
+             at: int | torch.Tensor,  # start slot, or [m] int64 slots on the cache's device
+             k: torch.Tensor,        # [m, Hkv, D]
+             v: torch.Tensor) -> None:
+    """Store m tokens' K/V at slots [at, at + m), or at the slots of an index tensor
+    (index_copy_: no host sync, so a CUDA graph replays it at other slots)."""
+    if isinstance(at, torch.Tensor):
+        k_cache.index_copy_(1, at, k.transpose(0, 1))
+        v_cache.index_copy_(1, at, v.transpose(0, 1))
+        return
+    m = k.shape[0]
+    k_cache[:, at:at + m] = k.transpose(0, 1)
+    v_cache[:, at:at + m] = v.transpose(0, 1)
+
+
 def compact_kv_ref(k_cache: torch.Tensor,            # [num_layers, Hkv, S_max, D]
                    v_cache: torch.Tensor,            # [num_layers, Hkv, S_max, D]
                    accepted_idx: torch.Tensor,       # [max_accepted] int64, increasing

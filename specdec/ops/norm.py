@@ -1,4 +1,4 @@
-"""RMSNorm: a fused Triton kernel (opt-in, see ``backend.use_fused``) or the PyTorch reference.
+"""RMSNorm: a fused Triton kernel (on by default on CUDA, see ``backend.use_fused``) or the PyTorch reference.
 
 The reference is transformers' own arithmetic (and so bit-matches it): x_hat = x *
 rsqrt(mean(x^2) + eps) in fp32, then ``weight * x_hat.to(dtype)`` (Llama) or
@@ -38,3 +38,30 @@ def rms_norm(x: torch.Tensor,       # [..., dim]
     out = torch.empty(rows.shape, dtype=dtype, device=x.device)
     kernel.rms_norm(rows, weight, out, float(eps), bool(offset))
     return out.view(x.shape)
+
+
+def add_rms_norm_ref(x: torch.Tensor,      # [..., dim] the residual stream
+                     delta: torch.Tensor,  # [..., dim] what a sub-block adds to it
+                     weight: torch.Tensor, eps: float, offset: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    total = x + delta
+    return rms_norm_ref(total, weight, eps, offset), total
+
+
+def add_rms_norm(x: torch.Tensor,      # [..., dim]
+                 delta: torch.Tensor,  # [..., dim], x's dtype
+                 weight: torch.Tensor, eps: float, offset: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + delta), x + delta): the residual add fused into the next norm."""
+    if not backend.use_fused(x.device) or delta.dtype != x.dtype or delta.shape != x.shape:
+        return add_rms_norm_ref(x, delta, weight, eps, offset)
+    from ..kernels import rms_norm as kernel
+
+    rows, drows = x.reshape(-1, x.shape[-1]), delta.reshape(-1, x.shape[-1])
+    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    drows = drows if drows.stride(-1) == 1 else drows.contiguous()
+    dtype = x.dtype if offset else torch.promote_types(x.dtype, weight.dtype)
+    total = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(rows.shape, dtype=dtype, device=x.device)
+    kernel.add_rms_norm(rows, drows, weight, total, out, float(eps), bool(offset))
+    return out.view(x.shape), total.view(x.shape)

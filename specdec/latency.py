@@ -150,8 +150,9 @@ class LatencyModel:
     def observe(self, n: int, t: float) -> None:
         """Online refinement from one observed verify of ``n`` nodes that took ``t`` s:
         the load ``scale`` follows t / shape(n) quickly (``scale_lr``, in log space), the
-        curve's grid points around ``n`` follow t / scale slowly (``lr``); a grid point
-        seen for the first time takes t / scale (and leaves the scale alone)."""
+        curve's grid points around ``n`` follow t / scale slowly (``lr``, never more than
+        halving one); a grid point seen for the first time takes t / scale, capped by
+        ``_growth_cap`` (and leaves the scale alone)."""
         n, t = int(n), float(t)
         if n > self.sizes[-1] or n < self.sizes[0]:  # outside the grid: a new grid point
             at = 0 if n < self.sizes[0] else len(self.sizes)
@@ -164,15 +165,28 @@ class LatencyModel:
             w = (n - self.sizes[i - 1]) / (self.sizes[i] - self.sizes[i - 1])
             brackets = [(j, wj) for j, wj in ((i - 1, 1.0 - w), (i, w)) if wj > 0]
         known = all(self.times[j] == self.times[j] for j, _ in brackets)
+        t_first = min(t / self.scale, self._growth_cap(n)) if not known else None
         if known and t > 0:
             self.scale *= math.exp(self.scale_lr * (math.log(t / self.shape(n)) - math.log(self.scale)))
         t = t / self.scale
         r = t - self.shape(n) if known else 0.0
         for j, w in brackets:
             if self.times[j] != self.times[j]:  # NaN: first sight of this grid point
-                self.times[j] = t
-            else:
-                self.times[j] += self.lr * w * r
+                self.times[j] = t_first
+            else:  # at most halved per observation: an outlier at a neighbour (a CUDA graph
+                # captured during the step) must not drive a grid time to zero or below
+                self.times[j] = max(self.times[j] + self.lr * w * r, 0.5 * self.times[j])
+
+    def _growth_cap(self, n: int) -> float:
+        """The most a first sight of size ``n`` may start at: proportional growth in n + 1
+        from the nearest known smaller size (a verify step is never worse than linear in
+        tree size), so one slow step (a CUDA graph captured in it) cannot set the curve."""
+        x, y = self._known()
+        below = x <= n
+        if not below.any():
+            return math.inf
+        i = int(np.nonzero(below)[0][-1])
+        return float(y[i] * (n + 1) / (x[i] + 1))
 
     # -- persistence
     def to_json(self) -> dict:

@@ -275,6 +275,20 @@ def test_latency_fit_predict_and_online_update():
     assert online.sizes[-1] == 300 and online.predict(300) == pytest.approx(0.1)
 
 
+def test_latency_outlier_never_makes_a_time_non_positive():
+    """A first sight of a grid point during a slow step (e.g. a CUDA graph captured then),
+    followed by fast steps between it and its neighbour, used to push the neighbour's time
+    below zero (and the next observation into math.log of a negative number)."""
+    lm = LatencyModel([0, 1, 3, 7, 15, 31], [1.4e-3, 1.6e-3, 1.5e-3, 1.5e-3, 1.6e-3, float("nan")])
+    lm.observe(31, 0.2)  # the outlier becomes the first time at 31
+    for _ in range(50):
+        lm.observe(23, 1.8e-3)
+        lm.observe(15, 1.6e-3)
+    assert all(t > 0 for t in lm.times)
+    assert 0 < lm.predict(15) < lm.predict(31)
+    assert lm.predict(31) <= 1.6e-3 * 32 / 16  # a first sight starts at most at proportional growth
+
+
 def test_latency_cache_round_trip(tmp_path):
     lm = LatencyModel.from_function(lambda n: 0.001 * n + 0.005, key="k1", meta={"device": "sim"})
     path = lm.save(LatencyModel.cache_path("k1", tmp_path))

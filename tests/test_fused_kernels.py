@@ -138,7 +138,7 @@ def test_fused_default_is_cuda_only_and_env_switches_it(monkeypatch):
 
 
 def test_rope_off_by_default_and_on_cpu_without_interpreter():
-    q, k, cos, sin = _rope_case(3, 2, 1, 16, torch.float32)
+    q, k, cos, sin = (t.cpu() for t in _rope_case(3, 2, 1, 16, torch.float32))
     assert not backend.use_fused(torch.device("cpu"))
     got_q, _ = apply_rope(q, k, cos, sin)
     assert torch.equal(got_q, apply_rope_ref(q, cos, sin))

@@ -133,14 +133,15 @@ def node_features(tree: TokenTree, kind: str) -> list[float] | None:
     """Per-node confidence: conditional draft probability (scores[i] / scores[parent]) for
     kind="prob" (None when the tree has no probability scores), depth for kind="depth"."""
     if kind == "depth":
-        return [float(d) for d in tree.depth.tolist()]
+        return [float(d) for d in tree.depth_list]
     if tree.scores is None or len(tree) == 0:
         return None
-    s = tree.scores.detach().double().cpu()
-    if bool((s < 0).any()) or bool((s > 1 + 1e-6).any()):
+    s = tree.scores.detach().to("cpu", torch.float64).numpy()
+    if (s < 0).any() or (s > 1 + 1e-6).any():
         return None  # not probabilities
-    parent = torch.where(tree.parents.cpu() >= 0, s[tree.parents.cpu().clamp(min=0)], torch.ones_like(s))
-    return (s / parent.clamp(min=1e-30)).clamp(0, 1).tolist()
+    parents = np.asarray(tree._parents_list())
+    parent = np.where(parents >= 0, s[np.maximum(parents, 0)], 1.0)
+    return np.clip(s / np.maximum(parent, 1e-30), 0.0, 1.0).tolist()
 
 
 # ----------------------------------------------------------------------------- controller
@@ -159,6 +160,7 @@ class _Stats:
         self.last: TreeBudget | None = None
         self.last_probe = 0  # the step of the last probe
         self._est = None
+        self._w = None  # the draft-time regression's solution, until the next observation
 
     def decay(self, g: float) -> None:
         for v in (self.S, self.A, self.Q, self.Z, self.D, self.XtX, self.Xty):
@@ -207,6 +209,8 @@ class BudgetController:
         if not arms:
             raise ValueError("BudgetController needs at least one arm")
         self.arms = sorted(set(arms), key=lambda b: (b.max_nodes, b.max_depth))
+        self._arm_nodes = np.array([float(b.max_nodes) for b in self.arms])
+        self._arm_depths = np.array([float(b.max_depth) for b in self.arms])
         self.latency = latency
         self.discount, self.explore, self.warmup = float(discount), float(explore), int(warmup)
         self.ridge, self.min_depth = float(ridge), int(min_depth)
@@ -265,14 +269,14 @@ class BudgetController:
         eff = budget or st.last or TreeBudget(max(tree_size, 1), max(depth or tree_size, 1))
         self._detect_shift(st, eff, accepted)
         st.decay(self.discount)
-        st._est = None
+        st._est = st._w = None
         if tree is not None and accepted_nodes is not None:
             self._observe_tree(st, tree, list(accepted_nodes), eff)
-            depth = int(tree.depth.max()) if len(tree) else 0
-            for kind in ("prob", "depth"):
+            depth = max(tree.depth_list, default=0)
+            for kind, cal in st.calibrators.items():  # only those a drafter asked for (they cost time)
                 feats = node_features(tree, kind)
                 if feats is not None:
-                    self.calibrator(key, kind).observe(tree, accepted_nodes, feats)
+                    cal.observe(tree, accepted_nodes, feats)
         else:  # only the arms that would have drafted this very tree
             depth = tree_size if depth is None else depth
             limited = tree_size >= eff.max_nodes or depth >= eff.max_depth
@@ -304,7 +308,7 @@ class BudgetController:
             st.drift = 0.0
 
     def _observe_tree(self, st: _Stats, tree: TokenTree, path: list[int], eff: TreeBudget) -> None:
-        depths = tree.depth.tolist()
+        depths = tree.depth_list
         n = len(depths)
         limited = n >= eff.max_nodes or (n > 0 and max(depths) >= eff.max_depth)
         for a, arm in enumerate(self.arms):
@@ -324,8 +328,10 @@ class BudgetController:
         return self.latency.scale if self.latency is not None else 1.0
 
     def _draft_weights(self, st: _Stats) -> np.ndarray:
-        """Draft seconds ~ w . [1, depth, size / 16] at the current load."""
-        return np.linalg.solve(st.XtX + self.ridge * np.eye(3), st.Xty) * self._load()
+        """Draft seconds ~ w . [1, depth, size / 16] at the current load (solved once per step)."""
+        if st._w is None:
+            st._w = np.linalg.solve(st.XtX + self.ridge * np.eye(3), st.Xty)
+        return st._w * self._load()
 
     def _estimates(self, st: _Stats, bonus: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(index, mean accepted, cost) per arm; index = (mean + 1 [+ bonus]) / cost."""
@@ -333,18 +339,18 @@ class BudgetController:
             return st._est
         S = st.S
         seen = S > 1e-6
-        mean = np.zeros(len(self.arms))
-        last = 0.0
-        for a in range(len(self.arms)):  # unseen arms: at least what the arm below gets
-            mean[a] = st.A[a] / S[a] if seen[a] else last
-            last = mean[a]
+        per = np.maximum(S, 1e-12)
+        mean = np.where(seen, st.A / per, 0.0)
+        if not seen.all():  # unseen arms: at least what the nearest seen arm below gets
+            below = np.maximum.accumulate(np.where(seen, np.arange(len(S)), -1))
+            mean = np.where(below >= 0, mean[np.maximum(below, 0)], 0.0)
         mean = _pav(mean, S + 1e-6)
-        sizes = np.array([st.Z[a] / S[a] if seen[a] else arm.max_nodes for a, arm in enumerate(self.arms)])
-        depths = np.array([st.D[a] / S[a] if seen[a] else arm.max_depth for a, arm in enumerate(self.arms)])
+        sizes = np.where(seen, st.Z / per, self._arm_nodes)
+        depths = np.where(seen, st.D / per, self._arm_depths)
         w = self._draft_weights(st)
         draft = np.maximum(w[0] + w[1] * depths + w[2] * sizes / 16.0, 0.0)
         lat = self.latency or LatencyModel()
-        cost = np.maximum(draft + np.array([lat.predict(s) for s in sizes]), 1e-9)
+        cost = np.maximum(draft + lat.predict_many(sizes), 1e-9)
         value = mean + 1.0
         if bonus:
             var = np.where(seen, (st.Q - st.A ** 2 / np.maximum(S, 1e-12)).clip(min=0), 0.0)

@@ -79,6 +79,7 @@ class LatencyModel:
             raise ValueError("LatencyModel: one time per size")
         self.key, self.lr, self.scale_lr, self.meta = key, float(lr), float(scale_lr), dict(meta or {})
         self.scale = 1.0  # the load right now relative to the curve (outside load on a shared machine)
+        self._known_xy: tuple[np.ndarray, np.ndarray] | None = None  # cache of _known(); reset on change
 
     # -- construction
     @classmethod
@@ -120,10 +121,13 @@ class LatencyModel:
 
     # -- use
     def _known(self) -> tuple[np.ndarray, np.ndarray]:
-        x = np.array(self.sizes, dtype=np.float64)
-        y = np.array(self.times, dtype=np.float64)
-        ok = ~np.isnan(y)
-        return x[ok], y[ok]
+        """(sizes, times) of the grid points measured so far (cached until the next change)."""
+        if self._known_xy is None:
+            x = np.array(self.sizes, dtype=np.float64)
+            y = np.array(self.times, dtype=np.float64)
+            ok = ~np.isnan(y)
+            self._known_xy = (x[ok], y[ok])
+        return self._known_xy
 
     @property
     def empty(self) -> bool:
@@ -147,6 +151,23 @@ class LatencyModel:
         slope = max((y[-1] - y[-2]) / (x[-1] - x[-2]), 0.0)
         return float(y[-1] + slope * (n - x[-1]))
 
+    def predict_many(self, ns) -> np.ndarray:
+        """``predict`` of every size in ``ns`` at once (what the controller asks each step)."""
+        x, y = self._known()
+        ns = np.asarray(ns, dtype=np.float64)
+        if x.size == 0:
+            return np.zeros_like(ns)
+        out = np.interp(ns, x, y)
+        lo = ns < x[0]
+        if lo.any():  # as shape(): optimistic, never below proportional to n + 1
+            floor = y[0] * (ns[lo] + 1) / (x[0] + 1)
+            slope = max((y[1] - y[0]) / (x[1] - x[0]), 0.0) if x.size > 1 else math.inf
+            out[lo] = np.maximum(y[0] - slope * (x[0] - ns[lo]), floor)
+        hi = ns > x[-1]
+        if x.size > 1 and hi.any():
+            out[hi] = y[-1] + max((y[-1] - y[-2]) / (x[-1] - x[-2]), 0.0) * (ns[hi] - x[-1])
+        return self.scale * out
+
     def observe(self, n: int, t: float) -> None:
         """Online refinement from one observed verify of ``n`` nodes that took ``t`` s:
         the load ``scale`` follows t / shape(n) quickly (``scale_lr``, in log space), the
@@ -154,6 +175,7 @@ class LatencyModel:
         halving one); a grid point seen for the first time takes t / scale, capped by
         ``_growth_cap`` (and leaves the scale alone)."""
         n, t = int(n), float(t)
+        self._known_xy = None
         if n > self.sizes[-1] or n < self.sizes[0]:  # outside the grid: a new grid point
             at = 0 if n < self.sizes[0] else len(self.sizes)
             self.sizes.insert(at, n)
@@ -176,6 +198,7 @@ class LatencyModel:
             else:  # at most halved per observation: an outlier at a neighbour (a CUDA graph
                 # captured during the step) must not drive a grid time to zero or below
                 self.times[j] = max(self.times[j] + self.lr * w * r, 0.5 * self.times[j])
+        self._known_xy = None
 
     def _growth_cap(self, n: int) -> float:
         """The most a first sight of size ``n`` may start at: proportional growth in n + 1

@@ -77,11 +77,18 @@ class TokenTree:
     def depth(self) -> torch.Tensor:
         """[n] depth of each node; children of the root have depth 1."""
         if "depth" not in self._cache:
+            self._cache["depth"] = torch.tensor(self.depth_list, dtype=torch.long, device=self.device)
+        return self._cache["depth"]
+
+    @property
+    def depth_list(self) -> list[int]:
+        """``depth`` as a Python list (host code reads it without a device round trip)."""
+        if "depth_list" not in self._cache:
             d: list[int] = []
             for p in self._parents_list():
                 d.append(1 if p == ROOT else d[p] + 1)
-            self._cache["depth"] = torch.tensor(d, dtype=torch.long, device=self.device)
-        return self._cache["depth"]
+            self._cache["depth_list"] = d
+        return self._cache["depth_list"]
 
     def position_offsets(self) -> torch.Tensor:
         """[n] position of each node relative to the root's position."""

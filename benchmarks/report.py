@@ -230,10 +230,12 @@ def plot(results: dict, folder: Path, stem: str, *, reference: str) -> list[str]
             ax.set_visible(False)
         data_groups = [g for g in groups if g != "all"] or groups
         for ax, n in zip(axes.flat, spec):
-            kmax = max(k for g in data_groups for k in summary[g].get(n, {}).get("acceptance_histogram", {0: 0}))
+            hists = {g: {int(k): v for k, v in (summary[g].get(n, {}).get("acceptance_histogram") or {}).items()}
+                     for g in data_groups}  # int keys, also for results read back from JSON
+            kmax = max((k for h in hists.values() for k in h), default=0)
             width = 0.8 / len(data_groups)
             for i, g in enumerate(data_groups):
-                h = summary[g].get(n, {}).get("acceptance_histogram") or {}
+                h = hists[g]
                 tot = sum(h.values()) or 1
                 ax.bar([k + i * width - 0.4 + width / 2 for k in range(kmax + 1)],
                        [h.get(k, 0) / tot for k in range(kmax + 1)], width, label=g)

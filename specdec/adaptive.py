@@ -9,7 +9,8 @@ this hardware and what the drafter has been getting accepted.
   backend) by a short sweep and cached as JSON under ``~/.cache/specdec/latency/``;
   refined online from observed step times.
 - ``BudgetController``: each step ``choose(key) -> TreeBudget`` maximises expected
-  committed tokens per second, (E[accepted(n)] + 1) / (draft(n) + verify(n)), over a
+  committed tokens per second, (E[accepted(n)] + 1) / (draft(n) + verify(n)) (draft =
+  everything in a step but the verify forward, as ``generate`` reports it), over a
   grid of node budgets (Sequoia's hardware-aware budget) with a discounted UCB over
   per-drafter statistics; ``observe(...)`` after each step. Given the verified tree,
   one step also tells what every *smaller* budget would have accepted (a budget-n tree

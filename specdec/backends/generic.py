@@ -9,6 +9,8 @@ models get their window from the mask we build), edited through its public
 """
 from __future__ import annotations
 
+import inspect
+
 import logging
 
 import torch
@@ -64,6 +66,9 @@ class HFRunner:
             getattr(cfg, "model_type", "") == "mistral" else None
         self.cache = DynamicCache()
         self.key_pos = torch.zeros(0, dtype=torch.long, device=self.device)  # [length] position of each entry
+        # transformers renamed the forward's ``past_key_values`` to ``cache`` (the old name is
+        # deprecated from 5.2x and goes in 5.40): pass whichever this model's forward takes.
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @property
     def length(self) -> int:
@@ -105,7 +110,7 @@ class HFRunner:
             sliding = full if self.window is None else self._mask(m, position_ids, tree_mask, mask_start, self.window)
             attn = {"full_attention": full, "sliding_attention": sliding}
         out = self.model(input_ids=input_ids.to(self.device)[None], position_ids=position_ids[None],
-                         attention_mask=attn, past_key_values=self.cache, use_cache=True,
+                         attention_mask=attn, **{self._cache_kwarg: self.cache}, use_cache=True,
                          cache_position=torch.arange(length, length + m, device=self.device))
         self.key_pos = torch.cat([self.key_pos, position_ids])
         return out.logits[0].float()  # [m, vocab]

@@ -139,34 +139,28 @@ class LatencyModel:
 
     def shape(self, n: float) -> float:
         """The curve itself (seconds at load scale 1)."""
-        x, y = self._known()
-        if x.size == 0:
-            return 0.0
-        if n < x[0]:  # unmeasured smaller trees: optimistic, never below proportional to n + 1
-            floor = y[0] * (n + 1) / (x[0] + 1)
-            slope = max((y[1] - y[0]) / (x[1] - x[0]), 0.0) if x.size > 1 else math.inf
-            return float(max(y[0] - slope * (x[0] - n), floor))
-        if x.size == 1 or n <= x[-1]:
-            return float(np.interp(n, x, y))
-        slope = max((y[-1] - y[-2]) / (x[-1] - x[-2]), 0.0)
-        return float(y[-1] + slope * (n - x[-1]))
+        return float(self._shape_many(np.array([n], dtype=np.float64))[0])
 
     def predict_many(self, ns) -> np.ndarray:
         """``predict`` of every size in ``ns`` at once (what the controller asks each step)."""
+        return self.scale * self._shape_many(np.asarray(ns, dtype=np.float64))
+
+    def _shape_many(self, ns: np.ndarray) -> np.ndarray:
+        """The curve at sizes ``ns``: piecewise-linear between measured sizes, linear past
+        the largest; below the smallest optimistic, never below proportional to n + 1."""
         x, y = self._known()
-        ns = np.asarray(ns, dtype=np.float64)
         if x.size == 0:
             return np.zeros_like(ns)
         out = np.interp(ns, x, y)
         lo = ns < x[0]
-        if lo.any():  # as shape(): optimistic, never below proportional to n + 1
+        if lo.any():
             floor = y[0] * (ns[lo] + 1) / (x[0] + 1)
             slope = max((y[1] - y[0]) / (x[1] - x[0]), 0.0) if x.size > 1 else math.inf
             out[lo] = np.maximum(y[0] - slope * (x[0] - ns[lo]), floor)
         hi = ns > x[-1]
         if x.size > 1 and hi.any():
             out[hi] = y[-1] + max((y[-1] - y[-2]) / (x[-1] - x[-2]), 0.0) * (ns[hi] - x[-1])
-        return self.scale * out
+        return out
 
     def observe(self, n: int, t: float) -> None:
         """Online refinement from one observed verify of ``n`` nodes that took ``t`` s:
@@ -175,7 +169,6 @@ class LatencyModel:
         halving one); a grid point seen for the first time takes t / scale, capped by
         ``_growth_cap`` (and leaves the scale alone)."""
         n, t = int(n), float(t)
-        self._known_xy = None
         if n > self.sizes[-1] or n < self.sizes[0]:  # outside the grid: a new grid point
             at = 0 if n < self.sizes[0] else len(self.sizes)
             self.sizes.insert(at, n)
@@ -198,7 +191,7 @@ class LatencyModel:
             else:  # at most halved per observation: an outlier at a neighbour (a CUDA graph
                 # captured during the step) must not drive a grid time to zero or below
                 self.times[j] = max(self.times[j] + self.lr * w * r, 0.5 * self.times[j])
-        self._known_xy = None
+        self._known_xy = None  # (a new grid point enters as NaN: _known was valid until here)
 
     def _growth_cap(self, n: int) -> float:
         """The most a first sight of size ``n`` may start at: proportional growth in n + 1

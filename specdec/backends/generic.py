@@ -10,7 +10,6 @@ models get their window from the mask we build), edited through its public
 from __future__ import annotations
 
 import inspect
-
 import logging
 
 import torch

@@ -31,13 +31,21 @@ def rms_norm(x: torch.Tensor,       # [..., dim]
         return rms_norm_ref(x, weight, eps, offset)
     from ..kernels import rms_norm as kernel
 
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    dtype = x.dtype if offset else torch.promote_types(x.dtype, weight.dtype)
-    out = torch.empty(rows.shape, dtype=dtype, device=x.device)
+    rows = _rows(x)
+    out = torch.empty(rows.shape, dtype=_out_dtype(x, weight, offset), device=x.device)
     kernel.rms_norm(rows, weight, out, float(eps), bool(offset))
     return out.view(x.shape)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., dim] -> [rows, dim] with a unit-stride last dim (what the kernels index)."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _out_dtype(x: torch.Tensor, weight: torch.Tensor, offset: bool) -> torch.dtype:
+    """The reference's result dtype: x's for Gemma, ``weight * x_hat.to(x.dtype)``'s for Llama."""
+    return x.dtype if offset else torch.promote_types(x.dtype, weight.dtype)
 
 
 def add_rms_norm_ref(x: torch.Tensor,      # [..., dim] the residual stream
@@ -57,11 +65,8 @@ def add_rms_norm(x: torch.Tensor,      # [..., dim]
         return add_rms_norm_ref(x, delta, weight, eps, offset)
     from ..kernels import rms_norm as kernel
 
-    rows, drows = x.reshape(-1, x.shape[-1]), delta.reshape(-1, x.shape[-1])
-    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
-    drows = drows if drows.stride(-1) == 1 else drows.contiguous()
-    dtype = x.dtype if offset else torch.promote_types(x.dtype, weight.dtype)
+    rows, drows = _rows(x), _rows(delta)
     total = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    out = torch.empty(rows.shape, dtype=dtype, device=x.device)
+    out = torch.empty(rows.shape, dtype=_out_dtype(x, weight, offset), device=x.device)
     kernel.add_rms_norm(rows, drows, weight, total, out, float(eps), bool(offset))
     return out.view(x.shape), total.view(x.shape)

@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--depths", default="4,8", help="fixed max_depth values")
     p.add_argument("--grid", default=None, help="the controller's node grid (default: --nodes)")
     p.add_argument("--max-depth", type=int, default=None, help="the controller's depth cap (default: max of --depths)")
+    p.add_argument("--variants", default='{"adaptive": {}}',
+                   help='JSON {name: BudgetController options}: the adaptive methods to run, e.g. '
+                        '\'{"adaptive": {}, "adaptive-ctx3": {"context_levels": 3}}\'')
     p.add_argument("--no-latency-sweep", action="store_true", help="learn verify latency online only")
     p.add_argument("--latency-grid", default="0,1,2,4,8,16,32,64,128", help="tree sizes the latency sweep times")
     p.add_argument("--dtype", default=None, choices=sorted(models.DTYPES))
@@ -124,7 +127,8 @@ def run_one(runner, ids, drafter, *, max_new_tokens, eos, budget=None, controlle
             "verify_s": s.verify_time_s}
 
 
-def summarise(records: list[dict], methods: list[str], default: str) -> dict:
+def summarise(records: list[dict], methods: list[str], default: str, adaptive=(ADAPTIVE,)) -> dict:
+    """Per subset (and "all"): every method's totals; best / worst fixed setting by tokens/s."""
     out = {}
     subsets = list(dict.fromkeys(r["subset"] for r in records))
     for group in subsets + (["all"] if len(subsets) > 1 else []):
@@ -141,10 +145,10 @@ def summarise(records: list[dict], methods: list[str], default: str) -> dict:
                        "mean_tree_size": sum(r["tree_nodes"] for r in rs) / max(1, steps),
                        "draft_s": sum(r["draft_s"] for r in rs), "verify_s": sum(r["verify_s"] for r in rs),
                        "exact_match": all(r.get("match", True) for r in rs)}
-            if m == ADAPTIVE:
+            if m in adaptive:
                 hist = Counter(b for r in rs for b in r["budgets"])
                 rows[m]["budget_histogram"] = {int(k): v for k, v in sorted(hist.items())}
-        fixed = {m: v for m, v in rows.items() if m != ADAPTIVE and v["tokens_per_s"]}
+        fixed = {m: v for m, v in rows.items() if m not in adaptive and v["tokens_per_s"]}
         best = max(fixed, key=lambda m: fixed[m]["tokens_per_s"]) if fixed else None
         worst = min(fixed, key=lambda m: fixed[m]["tokens_per_s"]) if fixed else None
         out[group] = {"methods": rows, "best_fixed": best, "worst_fixed": worst, "default_fixed": default}
@@ -162,34 +166,45 @@ def markdown(results: dict) -> str:
              f"BudgetController over max_nodes {s['controller_grid']}, latency curve "
              f"{'measured' if s['latency_measured'] else 'learned online'}. Decode tokens/s exclude the prefill; "
              "tau = committed tokens per target forward.", "",
-             "| dataset | adaptive tok/s | tau | best fixed | tok/s | tau | worst fixed | tok/s | default tok/s | tau "
+             "| dataset | adaptive | tok/s | tau | best fixed | tok/s | tau | worst fixed | tok/s | default tok/s | tau "
              "| adaptive / best | adaptive / default | exact |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    variants = s.get("variants") or {ADAPTIVE: {}}
+    if len(variants) > 1 or ADAPTIVE not in variants:
+        lines[-3:-2] = [lines[-3], "Adaptive variants (BudgetController options): "
+                        + "; ".join(f"`{k}` {json.dumps(v)}" for k, v in variants.items()), ""]
 
     def f(v, fmt="{:.1f}"):
         return "-" if v is None else fmt.format(v)
 
+    ratio = lambda x, y: (x["tokens_per_s"] / y["tokens_per_s"]) if x.get("tokens_per_s") and y.get("tokens_per_s") else None  # noqa: E731
     for group, g in results["summary"].items():
         rows = g["methods"]
-        a, b, w, d = (rows.get(k) or {} for k in (ADAPTIVE, g["best_fixed"], g["worst_fixed"], g["default_fixed"]))
-        ratio = lambda x, y: (x["tokens_per_s"] / y["tokens_per_s"]) if x.get("tokens_per_s") and y.get("tokens_per_s") else None  # noqa: E731
-        lines.append(f"| {group} | {f(a.get('tokens_per_s'))} | {f(a.get('mean_accepted_length'), '{:.2f}')} "
-                     f"| {g['best_fixed']} | {f(b.get('tokens_per_s'))} | {f(b.get('mean_accepted_length'), '{:.2f}')} "
-                     f"| {g['worst_fixed']} | {f(w.get('tokens_per_s'))} | {f(d.get('tokens_per_s'))} "
-                     f"| {f(d.get('mean_accepted_length'), '{:.2f}')} | {f(ratio(a, b), '{:.2f}x')} "
-                     f"| {f(ratio(a, d), '{:.2f}x')} | {all(r['exact_match'] for r in rows.values())} |")
+        b, w, d = (rows.get(k) or {} for k in (g["best_fixed"], g["worst_fixed"], g["default_fixed"]))
+        for v in variants:
+            a = rows.get(v) or {}
+            lines.append(f"| {group} | {v} | {f(a.get('tokens_per_s'))} | {f(a.get('mean_accepted_length'), '{:.2f}')} "
+                         f"| {g['best_fixed']} | {f(b.get('tokens_per_s'))} "
+                         f"| {f(b.get('mean_accepted_length'), '{:.2f}')} "
+                         f"| {g['worst_fixed']} | {f(w.get('tokens_per_s'))} | {f(d.get('tokens_per_s'))} "
+                         f"| {f(d.get('mean_accepted_length'), '{:.2f}')} | {f(ratio(a, b), '{:.2f}x')} "
+                         f"| {f(ratio(a, d), '{:.2f}x')} | {all(r['exact_match'] for r in rows.values())} |")
     lines += ["", "## Every setting", "", "| dataset | setting | tok/s | tau | mean tree | draft s | verify s |",
               "|---|---|---|---|---|---|---|"]
     for group, g in results["summary"].items():
         for m, r in g["methods"].items():
             lines.append(f"| {group} | {m} | {f(r['tokens_per_s'])} | {f(r['mean_accepted_length'], '{:.2f}')} "
                          f"| {r['mean_tree_size']:.1f} | {r['draft_s']:.2f} | {r['verify_s']:.2f} |")
-    hist = {g: v["methods"].get(ADAPTIVE, {}).get("budget_histogram") for g, v in results["summary"].items()}
-    lines += ["", "Adaptive budget choices (max_nodes: steps): "
-              + "; ".join(f"{g}: {h}" for g, h in hist.items() if h), ""]
-    if results.get("latency"):
-        lat = results["latency"]
-        lines += ["Verify latency curve (ms by tree size): "
+    for name in variants:
+        hist = {g: v["methods"].get(name, {}).get("budget_histogram") for g, v in results["summary"].items()}
+        lines += ["", f"`{name}` budget choices (max_nodes: steps): "
+                  + "; ".join(f"{g}: {h}" for g, h in hist.items() if h)]
+    lines.append("")
+    curves = results.get("latency") or {}
+    if "sizes" in curves:  # results written before variants: one curve
+        curves = {ADAPTIVE: curves}
+    for name, lat in curves.items():
+        lines += [f"Verify latency curve at the end (`{name}`, ms by tree size): "
                   + ", ".join(f"{n}: {t * 1e3:.1f}" for n, t in zip(lat["sizes"], lat["times"]) if t is not None), ""]
     lines.append(f"Command: `{results['command']}`")
     return "\n".join(lines) + "\n"
@@ -230,18 +245,26 @@ def main(argv=None, *, model=None, tokenizer=None) -> int:
     if not args.no_latency_sweep:
         print("measuring the verify latency curve (cached per model/dtype/device/backend) ...", flush=True)
         latency = LatencyModel.for_runner(runner, model=loaded.model, grid=_ints(args.latency_grid))
-    controller = BudgetController(grid=grid, max_depth=max_depth, latency=latency)
+    variants = json.loads(args.variants)
+    if not isinstance(variants, dict) or not variants:
+        raise SystemExit("--variants: a JSON object {name: {BudgetController options}}")
+    controllers = {name: BudgetController(grid=grid, max_depth=max_depth, latency=latency.copy() if latency else None,
+                                          **opts) for name, opts in variants.items()}
     default = TreeBudget()
     if default not in fixed:
         fixed.append(default)
-    methods = [label(b) for b in fixed] + [ADAPTIVE]
+    clash = set(variants) & {label(b) for b in fixed}
+    if clash:
+        raise SystemExit(f"--variants: {sorted(clash)} clash with the fixed settings' names")
+    methods = [label(b) for b in fixed] + list(variants)
     drafters = {m: make_drafter(args, loaded, draft) for m in methods}
-    if not args.no_drafter_controller and hasattr(drafters[ADAPTIVE], "controller"):
-        drafters[ADAPTIVE].controller = controller
+    for name, ctl in controllers.items():
+        if not args.no_drafter_controller and hasattr(drafters[name], "controller"):
+            drafters[name].controller = ctl
 
     def go(m, ids, max_new):
-        if m == ADAPTIVE:
-            return run_one(runner, ids, drafters[m], max_new_tokens=max_new, eos=eos, controller=controller)
+        if m in controllers:
+            return run_one(runner, ids, drafters[m], max_new_tokens=max_new, eos=eos, controller=controllers[m])
         return run_one(runner, ids, drafters[m], max_new_tokens=max_new, eos=eos,
                        budget=fixed[methods.index(m)])
 
@@ -273,10 +296,10 @@ def main(argv=None, *, model=None, tokenizer=None) -> int:
         "datasets": names, "prompts": {k: len(v) for k, v in prompts.items()}, "skipped_prompts": skipped,
         "fixed": [label(b) for b in fixed], "default_fixed": label(default), "controller_grid": grid,
         "controller_max_depth": max_depth, "latency_measured": latency is not None,
-        "drafter_controller": not args.no_drafter_controller, "order": "interleaved per prompt",
+        "drafter_controller": not args.no_drafter_controller, "variants": variants, "order": "interleaved per prompt",
         "warmup": "one 8-token run per setting, excluded", "sweep_s": time.perf_counter() - t_start},
-        "latency": controller.latency.to_json() if controller.latency is not None else None,
-        "summary": summarise(records, methods, label(default)), "records": records}
+        "latency": {k: c.latency.to_json() for k, c in controllers.items() if c.latency is not None},
+        "summary": summarise(records, methods, label(default), tuple(variants)), "records": records}
     folder = Path(args.out) if args.out else RESULTS_DIR / f"{_dt.date.today().isoformat()}-{slug(device_name(device))}"
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"sweep_adaptive_{slug(loaded.name)}_{slug(args.drafter)}_{args.dtype}" + (f"_{slug(args.tag)}" if args.tag else "")

@@ -160,6 +160,9 @@ class _Stats:
         self.calibrators: dict[str, AcceptanceCalibrator] = {}
         self.last: TreeBudget | None = None
         self.last_probe = 0  # the step of the last probe
+        self.contexts: dict[int, _Stats] = {}  # per context (the last step's accepted count), arms only
+        self.ctx: int | None = None  # the context of the next step
+        self.chosen_ctx: int | None = None  # the context the last choice was made in
         self._est = None
         self._w = None  # the draft-time regression's solution, until the next observation
 
@@ -172,6 +175,8 @@ class _Stats:
         for v in (self.S, self.A, self.Q, self.Z, self.D):
             v *= keep
         self.N *= keep
+        for c in self.contexts.values():
+            c.forget(keep)
 
     def add(self, a: int, acc: float, size: float, depth: float) -> None:
         self.S[a] += 1.0
@@ -199,13 +204,18 @@ class BudgetController:
                 budget that fell behind on stale statistics is re-measured (0 = never).
     probe_cost: probes are spaced so that their extra verify cost stays under this
                 share of the time (a probe of an arm 2x as costly waits 1 / 0.02 = 50 steps).
+    context_levels: condition each choice on the previous step's accepted count, capped at
+                ``context_levels - 1`` (acceptance comes in runs: after a long accept a big
+                tree pays more often than after a miss). Each context keeps its own arm
+                statistics, shrunk towards the pooled ones with ``context_prior`` steps'
+                weight. 0 or 1 = off (one estimate for every step).
     """
 
     def __init__(self, *, grid: Sequence[int] = DEFAULT_GRID, max_depth: int = 8,
                  arms: Sequence[TreeBudget] | None = None, latency: LatencyModel | None = None,
                  discount: float = 0.99, explore: float = 0.3, warmup: int = 8, ridge: float = 1e-3,
                  min_depth: int = 1, shift_z: float = 1.0, shift_keep: float = 0.05, probe_every: int = 8,
-                 probe_cost: float = 0.02):
+                 probe_cost: float = 0.02, context_levels: int = 0, context_prior: float = 4.0):
         arms = list(arms) if arms is not None else [TreeBudget(n, min(n, max_depth)) for n in grid]
         if not arms:
             raise ValueError("BudgetController needs at least one arm")
@@ -217,6 +227,7 @@ class BudgetController:
         self.ridge, self.min_depth = float(ridge), int(min_depth)
         self.shift_z, self.shift_keep = float(shift_z), float(shift_keep)
         self.probe_every, self.probe_cost = int(probe_every), float(probe_cost)
+        self.context_levels, self.context_prior = int(context_levels), float(context_prior)
         self._stats: dict[str, _Stats] = {}
 
     @property
@@ -244,17 +255,20 @@ class BudgetController:
     # -- the per-step decision
     def choose(self, key: str = "default") -> TreeBudget:
         st = self._state(key)
+        st.chosen_ctx = st.ctx if self.context_levels > 1 else None
         if st.steps < self.warmup:
             choice = self.arms[-1]
         else:
-            idx, _, cost = self._estimates(st, bonus=True)
+            cs = st.contexts.get(st.chosen_ctx) if st.chosen_ctx is not None else None
+            idx, _, cost = self._estimates(st, bonus=True, ctx=cs)
             best = float(idx.max())
             i = max(i for i, v in enumerate(idx) if v >= best * (1 - 1e-9))
+            pst = cs or st  # probes are spaced per context
             if self.probe_every and i + 1 < len(self.arms):
                 wait = max(self.probe_every, (cost[i + 1] / cost[i] - 1.0) / max(self.probe_cost, 1e-9))
-                if st.steps - st.last_probe >= wait:
+                if pst.steps - pst.last_probe >= wait:
                     i += 1  # probe one arm up
-                    st.last_probe = st.steps
+                    pst.last_probe = pst.steps
             choice = self.arms[i]
         st.last = choice
         return choice
@@ -271,8 +285,15 @@ class BudgetController:
         self._detect_shift(st, eff, accepted)
         st.decay(self.discount)
         st._est = st._w = None
+        revealed = [st]
+        if st.chosen_ctx is not None:  # the context's own statistics learn from the same step
+            cs = st.contexts.setdefault(st.chosen_ctx, _Stats(len(self.arms)))
+            cs.steps += 1
+            cs.decay(self.discount)
+            revealed.append(cs)
         if tree is not None and accepted_nodes is not None:
-            self._observe_tree(st, tree, list(accepted_nodes), eff)
+            for s in revealed:
+                self._observe_tree(s, tree, list(accepted_nodes), eff)
             depth = max(tree.depth_list, default=0)
             for kind, cal in st.calibrators.items():  # only those a drafter asked for (they cost time)
                 feats = node_features(tree, kind)
@@ -285,7 +306,10 @@ class BudgetController:
                 inside = arm.max_nodes <= eff.max_nodes and arm.max_depth <= eff.max_depth
                 fits = tree_size <= arm.max_nodes and depth <= arm.max_depth
                 if arm == eff or (fits and (inside or not limited)):
-                    st.add(a, accepted, tree_size, depth)
+                    for s in revealed:
+                        s.add(a, accepted, tree_size, depth)
+        if self.context_levels > 1:
+            st.ctx = min(int(accepted), self.context_levels - 1)
         if self.latency is None:
             self.latency = LatencyModel()
         self.latency.observe(tree_size, verify_time)
@@ -334,9 +358,11 @@ class BudgetController:
             st._w = np.linalg.solve(st.XtX + self.ridge * np.eye(3), st.Xty)
         return st._w * self._load()
 
-    def _estimates(self, st: _Stats, bonus: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(index, mean accepted, cost) per arm; index = (mean + 1 [+ bonus]) / cost."""
-        if st._est is not None and not bonus:
+    def _estimates(self, st: _Stats, bonus: bool, ctx: _Stats | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(index, mean accepted, cost) per arm; index = (mean + 1 [+ bonus]) / cost.
+        ``ctx``: one context's statistics, shrunk towards the pooled ``st``."""
+        if st._est is not None and not bonus and ctx is None:
             return st._est
         S = st.S
         seen = S > 1e-6
@@ -352,11 +378,20 @@ class BudgetController:
         draft = np.maximum(w[0] + w[1] * depths + w[2] * sizes / 16.0, 0.0)
         lat = self.latency or LatencyModel()
         cost = np.maximum(draft + lat.predict_many(sizes), 1e-9)
+        var = np.where(seen, (st.Q - st.A ** 2 / np.maximum(S, 1e-12)).clip(min=0), 0.0)
+        N = st.N
+        if ctx is not None:  # the context's means, with the pooled ones as a prior of weight m
+            m = self.context_prior
+            mean = _pav((ctx.A + m * mean) / (ctx.S + m), ctx.S + m)
+            per_step = var / np.maximum(S, 1e-12)  # the pooled variance of one step's accepted count
+            S, N = ctx.S + m, ctx.N + m  # the context's own count plus the prior's weight
+            var = per_step * S
         value = mean + 1.0
         if bonus:
-            var = np.where(seen, (st.Q - st.A ** 2 / np.maximum(S, 1e-12)).clip(min=0), 0.0)
             sd = np.sqrt((var + 1.0) / (S + 1.0))  # a prior variance of 1 with weight 1
-            value = value + self.explore * sd * np.sqrt(2 * math.log(max(st.N, math.e)) / np.maximum(S, 1e-3))
+            value = value + self.explore * sd * np.sqrt(2 * math.log(max(N, math.e)) / np.maximum(S, 1e-3))
+            return value / cost, mean, cost
+        if ctx is not None:
             return value / cost, mean, cost
         st._est = (value / cost, mean, cost)
         return st._est

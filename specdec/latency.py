@@ -215,6 +215,12 @@ class LatencyModel:
         times = [float("nan") if t is None else t for t in d["times"]]
         return cls(d["sizes"], times, key=d.get("key"), meta=d.get("meta"))
 
+    def copy(self) -> "LatencyModel":
+        """An independent curve with the same points (online refinement does not leak back)."""
+        out = LatencyModel.from_json(self.to_json())
+        out.lr, out.scale_lr = self.lr, self.scale_lr
+        return out
+
     @staticmethod
     def cache_path(key: str, cache_dir: str | Path | None = None) -> Path:
         """``<cache_dir or ~/.cache/specdec/latency>/<key>.json``."""

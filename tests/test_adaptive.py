@@ -140,6 +140,63 @@ def test_controller_moves_when_the_stream_shifts():
     assert tails[0] >= 4 * tails[1] <= tails[2]  # ... and so do the choices, both ways
 
 
+class RegimeSim(TreeSim):
+    """TreeSim whose acceptance rate switches between two regimes (copying text vs new
+    text) and stays in one with probability ``stay`` per step."""
+
+    def __init__(self, alphas, stay, **kw):
+        super().__init__(alphas[0], **kw)
+        self.alphas, self.stay, self.regime = alphas, stay, 0
+        self.regime_rng = random.Random(kw.get("seed", 0) + 1000)  # the same regimes whatever is played
+
+    def step(self, budget):
+        if self.regime_rng.random() > self.stay:
+            self.regime = 1 - self.regime
+        self.alpha = self.alphas[self.regime]
+        return super().step(budget)
+
+
+def _realised_rate(ctl, sim, steps, key="sim"):
+    """Committed tokens per second over the last 3/4 of ``steps`` (ctl: controller or a TreeBudget)."""
+    tok = tim = 0.0
+    for i in range(steps):
+        arm = ctl if isinstance(ctl, TreeBudget) else ctl.choose(key)
+        tree, path, dt, vt = sim.step(arm)
+        if not isinstance(ctl, TreeBudget):
+            ctl.observe(key, len(tree), len(path), dt, vt, tree=tree, accepted_nodes=path, budget=arm)
+        if i >= steps // 4:
+            tok, tim = tok + len(path) + 1, tim + dt + vt
+    return tok / tim
+
+
+def test_controller_context_follows_acceptance_runs():
+    """When acceptance comes in runs (regimes lasting ~10 steps), conditioning on the last
+    step's accepted count puts the controller ahead of the pooled one and level with the
+    best fixed budget found in hindsight; it keeps separate statistics per context and
+    picks bigger trees after long accepts."""
+    mk = lambda: RegimeSim((0.9, 0.1), 0.9, seed=12)  # noqa: E731
+    arms = BudgetController().arms
+    best = max(_realised_rate(a, mk(), 1500) for a in arms)
+    pooled = _realised_rate(BudgetController(latency=_linear_latency(mk())), mk(), 1500)
+    ctl = BudgetController(latency=_linear_latency(mk()), context_levels=3)
+    ctx = _realised_rate(ctl, mk(), 1500)
+    assert ctx >= 0.95 * best and ctx > 1.02 * pooled, (ctx, pooled, best)  # seeds 11-16: +2.5-6% over pooled
+    st = ctl._stats["sim"]
+    assert set(st.contexts) == {0, 1, 2}
+    picks = {c: ctl.arms[int(np.argmax(ctl._estimates(st, bonus=False, ctx=st.contexts[c])[0]))].max_nodes
+             for c in (0, 2)}
+    assert picks[2] > picks[0], picks
+
+
+def test_controller_context_on_a_stationary_stream():
+    """Without regimes, contexts cost little: still near the best fixed budget."""
+    sim = TreeSim(0.6, seed=12)
+    ctl = BudgetController(latency=_linear_latency(sim), context_levels=3)
+    [(picks, rates)] = _drive(ctl, sim, [(0.6, 600)])
+    best = max(rates.values())
+    assert sum(rates[p] for p in picks[-300:]) / 300 >= 0.95 * best
+
+
 def test_controller_probes_one_arm_above_its_choice():
     """Every probe_every-th step (at most) plays the arm just above the best estimate, so a
     bigger budget whose statistics went stale is measured again; probes of a costlier arm
@@ -424,13 +481,18 @@ def test_sweep_adaptive_smoke(tmp_path, monkeypatch):
     (data / "humaneval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     rc = main(["--datasets", "humaneval,gsm8k", "--data-dir", str(data), "--limit", "1", "--max-new-tokens", "8",
-               "--nodes", "1,4", "--depths", "4", "--latency-grid", "0,4,16", "--device", "cpu", "--out", str(out)],
+               "--nodes", "1,4", "--depths", "4", "--latency-grid", "0,4,16", "--device", "cpu", "--out", str(out),
+               "--variants", '{"adaptive": {}, "adaptive-ctx3": {"context_levels": 3}}'],
               model=tiny_model("llama"))
     assert rc == 0
     [js] = out.glob("sweep_adaptive_*.json")
     res = json.loads(js.read_text())
     hum = res["summary"]["humaneval"]
-    assert set(hum["methods"]) == {"n1_d1", "n4_d4", "n64_d8", "adaptive"} and hum["default_fixed"] == "n64_d8"
+    assert set(hum["methods"]) == {"n1_d1", "n4_d4", "n64_d8", "adaptive", "adaptive-ctx3"}
+    assert hum["default_fixed"] == "n64_d8" and hum["best_fixed"] in {"n1_d1", "n4_d4", "n64_d8"}
     assert all(m["exact_match"] for m in hum["methods"].values()) and res["settings"]["latency_measured"]
-    assert "adaptive / best" in js.with_suffix(".md").read_text()
+    assert set(res["latency"]) == {"adaptive", "adaptive-ctx3"}
+    assert all("budget_histogram" in hum["methods"][v] for v in ("adaptive", "adaptive-ctx3"))
+    md = js.with_suffix(".md").read_text()
+    assert "adaptive / best" in md and "| humaneval | adaptive-ctx3 |" in md
     assert list((tmp_path / "cache" / "latency").glob("*.json"))

@@ -26,6 +26,7 @@ Only what is drafted changes; verification, and so losslessness, is untouched.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 from typing import Callable, Sequence
@@ -52,6 +53,8 @@ def drafter_key(drafter) -> str:
 
 def _pav(y: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Weighted isotonic (non-decreasing) regression by pool-adjacent-violators."""
+    if (y[1:] >= y[:-1]).all():  # already monotone (the usual case): nothing to pool
+        return y
     blocks: list[list[float]] = []  # [sum w*y, sum w, count]
     for yi, wi in zip(y.tolist(), w.tolist()):
         blocks.append([yi * wi, wi, 1])
@@ -150,8 +153,8 @@ class _Stats:
     """One drafter's discounted statistics per arm (a TreeBudget)."""
 
     def __init__(self, n_arms: int):
-        z = lambda: np.zeros(n_arms)  # noqa: E731
-        self.S, self.A, self.Q, self.Z, self.D = z(), z(), z(), z(), z()  # count, acc, acc^2, size, depth
+        self.M = np.zeros((5, n_arms))  # one array, so that decaying is one op; rows:
+        self.S, self.A, self.Q, self.Z, self.D = self.M  # count, acc, acc^2, size, depth (views)
         self.N = 0.0  # discounted played steps
         self.steps = 0
         self.XtX = np.zeros((3, 3))  # draft-time regression on [1, depth, size / 16]
@@ -167,23 +170,23 @@ class _Stats:
         self._w = None  # the draft-time regression's solution, until the next observation
 
     def decay(self, g: float) -> None:
-        for v in (self.S, self.A, self.Q, self.Z, self.D, self.XtX, self.Xty):
+        for v in (self.M, self.XtX, self.Xty):
             v *= g
         self.N = self.N * g + 1.0
 
     def forget(self, keep: float) -> None:
-        for v in (self.S, self.A, self.Q, self.Z, self.D):
-            v *= keep
+        self.M *= keep
         self.N *= keep
         for c in self.contexts.values():
             c.forget(keep)
 
     def add(self, a: int, acc: float, size: float, depth: float) -> None:
-        self.S[a] += 1.0
-        self.A[a] += acc
-        self.Q[a] += acc * acc
-        self.Z[a] += size
-        self.D[a] += depth
+        self.M[:, a] += (1.0, acc, acc * acc, size, depth)
+
+    def add_many(self, arms: list[int], acc: list[float], size: list[float], depth: list[float]) -> None:
+        """``add`` for several arms at once (distinct arms)."""
+        if arms:
+            self.M[:, arms] += np.array([[1.0] * len(arms), acc, [x * x for x in acc], size, depth])
 
 
 class BudgetController:
@@ -261,8 +264,9 @@ class BudgetController:
         else:
             cs = st.contexts.get(st.chosen_ctx) if st.chosen_ctx is not None else None
             idx, _, cost = self._estimates(st, bonus=True, ctx=cs)
-            best = float(idx.max())
-            i = max(i for i, v in enumerate(idx) if v >= best * (1 - 1e-9))
+            vals = idx.tolist()
+            best = max(vals)
+            i = max(i for i, v in enumerate(vals) if v >= best * (1 - 1e-9))
             pst = cs or st  # probes are spaced per context
             if self.probe_every and i + 1 < len(self.arms):
                 wait = max(self.probe_every, (cost[i + 1] / cost[i] - 1.0) / max(self.probe_cost, 1e-9))
@@ -335,18 +339,31 @@ class BudgetController:
     def _observe_tree(self, st: _Stats, tree: TokenTree, path: list[int], eff: TreeBudget) -> None:
         depths = tree.depth_list
         n = len(depths)
-        limited = n >= eff.max_nodes or (n > 0 and max(depths) >= eff.max_depth)
+        prefix_max = list(itertools.accumulate(depths, max))  # deepest node among the first i + 1
+        deepest = prefix_max[-1] if n else 0
+        limited = n >= eff.max_nodes or (n > 0 and deepest >= eff.max_depth)
+        rows: tuple[list, list, list, list] = ([], [], [], [])  # arm, accepted, size, depth
         for a, arm in enumerate(self.arms):
             if arm.max_nodes <= eff.max_nodes and arm.max_depth <= eff.max_depth:
-                keep = [i for i in range(min(n, arm.max_nodes)) if depths[i] <= arm.max_depth]
+                m = min(n, arm.max_nodes)  # the arm's tree: the first m nodes, minus those too deep
+                if m == 0 or prefix_max[m - 1] <= arm.max_depth:
+                    size, depth = m, (prefix_max[m - 1] if m else 0)
+                else:
+                    keep = [d for d in depths[:m] if d <= arm.max_depth]
+                    size, depth = len(keep), max(keep, default=0)
                 acc = 0
                 for v in path:
                     if v >= arm.max_nodes or depths[v] > arm.max_depth:
                         break
                     acc += 1
-                st.add(a, acc, len(keep), max((depths[i] for i in keep), default=0))
+                row = (a, acc, size, depth)
             elif not limited:  # the drafter ran out before the budget: any bigger budget gives this tree
-                st.add(a, len(path), n, max(depths, default=0))
+                row = (a, len(path), n, deepest)
+            else:
+                continue
+            for col, v in zip(rows, row):
+                col.append(v)
+        st.add_many(*rows)
 
     # -- estimates
     def _load(self) -> float:
@@ -367,18 +384,23 @@ class BudgetController:
         S = st.S
         seen = S > 1e-6
         per = np.maximum(S, 1e-12)
-        mean = np.where(seen, st.A / per, 0.0)
-        if not seen.all():  # unseen arms: at least what the nearest seen arm below gets
+        ratios = st.M[1:] / per  # mean accepted, accepted^2, size, depth per arm
+        if seen.all():  # (the usual case)
+            mean, sizes, depths = ratios[0], ratios[2], ratios[3]
+            var = np.maximum(st.Q - st.A * mean, 0.0)
+        else:
+            mean = np.where(seen, ratios[0], 0.0)
+            # unseen arms: at least what the nearest seen arm below gets
             below = np.maximum.accumulate(np.where(seen, np.arange(len(S)), -1))
             mean = np.where(below >= 0, mean[np.maximum(below, 0)], 0.0)
+            sizes = np.where(seen, ratios[2], self._arm_nodes)
+            depths = np.where(seen, ratios[3], self._arm_depths)
+            var = np.where(seen, np.maximum(st.Q - st.A * ratios[0], 0.0), 0.0)
         mean = _pav(mean, S + 1e-6)
-        sizes = np.where(seen, st.Z / per, self._arm_nodes)
-        depths = np.where(seen, st.D / per, self._arm_depths)
         w = self._draft_weights(st)
-        draft = np.maximum(w[0] + w[1] * depths + w[2] * sizes / 16.0, 0.0)
+        draft = np.maximum(w[0] + w[1] * depths + w[2] / 16.0 * sizes, 0.0)
         lat = self.latency or LatencyModel()
         cost = np.maximum(draft + lat.predict_many(sizes), 1e-9)
-        var = np.where(seen, (st.Q - st.A ** 2 / np.maximum(S, 1e-12)).clip(min=0), 0.0)
         N = st.N
         if ctx is not None:  # the context's means, with the pooled ones as a prior of weight m
             m = self.context_prior

@@ -8,6 +8,7 @@ overrides the root) and refined online from observed step times. Used by
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
@@ -80,6 +81,7 @@ class LatencyModel:
         self.key, self.lr, self.scale_lr, self.meta = key, float(lr), float(scale_lr), dict(meta or {})
         self.scale = 1.0  # the load right now relative to the curve (outside load on a shared machine)
         self._known_xy: tuple[np.ndarray, np.ndarray] | None = None  # cache of _known(); reset on change
+        self._known_py: tuple[list[float], list[float]] | None = None  # the same as lists
 
     # -- construction
     @classmethod
@@ -138,8 +140,26 @@ class LatencyModel:
         return self.scale * self.shape(n)
 
     def shape(self, n: float) -> float:
-        """The curve itself (seconds at load scale 1)."""
-        return float(self._shape_many(np.array([n], dtype=np.float64))[0])
+        """The curve itself (seconds at load scale 1); ``_shape_many`` for one size, in
+        plain Python (it runs every step: numpy's per-call overhead would dominate)."""
+        x, y = self._known_lists()
+        if not x:
+            return 0.0
+        if n < x[0]:
+            slope = max((y[1] - y[0]) / (x[1] - x[0]), 0.0) if len(x) > 1 else math.inf
+            return max(y[0] - slope * (x[0] - n), y[0] * (n + 1) / (x[0] + 1))
+        if n > x[-1]:
+            return y[-1] + (max((y[-1] - y[-2]) / (x[-1] - x[-2]), 0.0) * (n - x[-1]) if len(x) > 1 else 0.0)
+        i = bisect.bisect_left(x, n)
+        if x[i] == n:
+            return y[i]
+        w = (n - x[i - 1]) / (x[i] - x[i - 1])
+        return y[i - 1] + w * (y[i] - y[i - 1])
+
+    def _known_lists(self) -> tuple[list[float], list[float]]:
+        if self._known_py is None:
+            self._known_py = tuple(a.tolist() for a in self._known())
+        return self._known_py
 
     def predict_many(self, ns) -> np.ndarray:
         """``predict`` of every size in ``ns`` at once (what the controller asks each step)."""
@@ -173,7 +193,7 @@ class LatencyModel:
             at = 0 if n < self.sizes[0] else len(self.sizes)
             self.sizes.insert(at, n)
             self.times.insert(at, float("nan"))
-        i = int(np.searchsorted(self.sizes, n))
+        i = bisect.bisect_left(self.sizes, n)
         if self.sizes[i] == n:
             brackets = [(i, 1.0)]
         else:
@@ -181,17 +201,18 @@ class LatencyModel:
             brackets = [(j, wj) for j, wj in ((i - 1, 1.0 - w), (i, w)) if wj > 0]
         known = all(self.times[j] == self.times[j] for j, _ in brackets)
         t_first = min(t / self.scale, self._growth_cap(n)) if not known else None
+        shape = self.shape(n) if known else 0.0  # (the scale does not change the shape)
         if known and t > 0:
-            self.scale *= math.exp(self.scale_lr * (math.log(t / self.shape(n)) - math.log(self.scale)))
+            self.scale *= math.exp(self.scale_lr * (math.log(t / shape) - math.log(self.scale)))
         t = t / self.scale
-        r = t - self.shape(n) if known else 0.0
+        r = t - shape if known else 0.0
         for j, w in brackets:
             if self.times[j] != self.times[j]:  # NaN: first sight of this grid point
                 self.times[j] = t_first
             else:  # at most halved per observation: an outlier at a neighbour (a CUDA graph
                 # captured during the step) must not drive a grid time to zero or below
                 self.times[j] = max(self.times[j] + self.lr * w * r, 0.5 * self.times[j])
-        self._known_xy = None  # (a new grid point enters as NaN: _known was valid until here)
+        self._known_xy = self._known_py = None  # (a new grid point enters as NaN: _known was valid until here)
 
     def _growth_cap(self, n: int) -> float:
         """The most a first sight of size ``n`` may start at: proportional growth in n + 1

@@ -213,6 +213,10 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
 
     stats = GenerationStats()
     tokens = prompt.tolist()
+    # the same tokens as a tensor the drafters get views of (rebuilding it from the list
+    # each step costs O(length) per step); only ever appended to, so views stay valid
+    token_buf = torch.empty(len(tokens) + max_new_tokens + 1, dtype=torch.long)
+    token_buf[:len(tokens)] = prompt.cpu()
     runner.reset()
     drafter.reset(prompt)
     if streamer is not None:
@@ -237,7 +241,7 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
         step_budget = arm_budget if fit_nodes is None else \
             TreeBudget(fit_nodes(arm_budget.max_nodes), arm_budget.max_depth)  # what is drafted
         t0 = time.perf_counter()
-        request = DraftRequest(torch.tensor(tokens), step_budget, sp, generator)
+        request = DraftRequest(token_buf[:len(tokens)], step_budget, sp, generator)
         tree = drafter.propose(request) if step_budget.max_depth > 0 else TokenTree.empty()
         tree = _fit(tree, step_budget, runner.vocab_size)
         t1 = time.perf_counter()
@@ -262,6 +266,7 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
         stats.verify_time_s += t2 - t1
         stats.draft_time_s += t1 - t0
 
+        token_buf[len(tokens):len(tokens) + len(new)] = torch.tensor(new)
         tokens.extend(new)
         stats.steps += 1
         stats.new_tokens += len(new)
@@ -273,7 +278,7 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
         if streamer is not None:
             streamer.put(torch.tensor(new))
         if not stop:
-            drafter.update(VerifyResult(tree, acc.accepted_nodes, torch.tensor(new), torch.tensor(tokens), logits))
+            drafter.update(VerifyResult(tree, acc.accepted_nodes, torch.tensor(new), token_buf[:len(tokens)], logits))
         if controller is not None:
             # The controller prices a step by all of its time: whatever is not the verify forward
             # (drafting, the drafter's update, bookkeeping) counts on the drafting side. On a GPU

@@ -63,6 +63,8 @@ class TokenTree:
         return TokenTree(z, z.clone())
 
     def to(self, device) -> "TokenTree":
+        if self.tokens.device == torch.device(device):
+            return self
         dp = None if self.draft_probs is None else self.draft_probs.to(device)
         sc = None if self.scores is None else self.scores.to(device)
         return TokenTree(self.tokens.to(device), self.parents.to(device), dp, sc)
@@ -210,6 +212,8 @@ def merge(trees: Sequence[TokenTree], max_nodes: int | None = None) -> TokenTree
         for i in range(len(t)):
             cand.append((-sc[i] if have_scores else ti, i, ti))
     cand.sort()
+    tok_lists = [t.tokens.tolist() for t in trees]  # one transfer per tree, not one per node
+    par_lists = [t._parents_list() for t in trees]
     new_index: dict[tuple[int, int], int] = {}
     node_of: dict[tuple[int, int], int] = {}
     tokens, parents, scores = [], [], []
@@ -217,12 +221,11 @@ def merge(trees: Sequence[TokenTree], max_nodes: int | None = None) -> TokenTree
     # Parents precede children within a tree and scores are monotone along paths, so
     # one pass in sorted order places every parent first; ties fall back to node index.
     for key_score, i, ti in pending:
-        t = trees[ti]
-        p = int(t.parents[i])
+        p = par_lists[ti][i]
         new_parent = ROOT if p == ROOT else node_of.get((ti, p))
         if new_parent is None:
             continue  # parent was cut by the budget
-        tok = int(t.tokens[i])
+        tok = tok_lists[ti][i]
         k = (new_parent, tok)
         if k in new_index:
             node_of[(ti, i)] = new_index[k]

@@ -243,6 +243,8 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
         t0 = time.perf_counter()
         request = DraftRequest(token_buf[:len(tokens)], step_budget, sp, generator)
         tree = drafter.propose(request) if step_budget.max_depth > 0 else TokenTree.empty()
+        if tree.device.type != "cpu" and tree.draft_probs is None:
+            tree = tree.to("cpu")  # one transfer: the checks, mask and positions below are host work
         tree = _fit(tree, step_budget, runner.vocab_size)
         t1 = time.perf_counter()
 

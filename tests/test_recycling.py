@@ -132,6 +132,13 @@ def test_prune_matches_python_oracle():
             toks.append(tok)
             par.append(-1 if len(path) == 1 else new_id[path[:-1]])
     assert tree.tokens.tolist() == toks and tree.parents.tolist() == par
+    # the numpy path (a matrix in host memory) and the torch path (any device) agree, at any budget
+    for budget in (TreeBudget(64, 8), TreeBudget(17, 3), TreeBudget(1, 1), TreeBudget(40, 8)):
+        tpl = t.select(budget.max_nodes, budget.max_depth)
+        for root in (4, 0, 29):
+            host = d._propose_host(root, tpl)
+            dev = d._propose_device(torch.tensor([root]), tpl)
+            assert host.tokens.tolist() == dev.tokens.tolist() and host.parents.tolist() == dev.parents.tolist()
 
 
 @pytest.mark.parametrize("use_kernel", [False, True])

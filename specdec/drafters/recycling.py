@@ -13,7 +13,8 @@ recent time it was seen, ``-1`` where nothing is known yet.
 - ``propose``: expand a static tree template from the last committed token,
   breadth-first: node token = ``adj[parent token, child rank]``. The template's
   (parent, rank) arrays are precomputed once; a proposal is one gather per depth
-  level. Nodes whose token (or an ancestor's) is -1 are pruned.
+  level (numpy for a matrix in host memory, torch on a device, then one transfer).
+  Nodes whose token (or an ancestor's) is -1 are pruned. The tree is a host tree.
 - Seeding: nothing is known at ``reset`` (unless ``keep_across_prompts``). With
   ``seed_prompt=True`` the prompt's bigrams fill rank 0 of rows not yet written
   (prompt lookup for free); ``seed_from_logits(tokens, logits)`` recycles a prefill's
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ..ops.recycling import SENTINEL, recycling_update
@@ -125,6 +127,14 @@ class TreeTemplate:
             self._select_cache[key] = TreeTemplate(keep)
         return self._select_cache[key]
 
+    def on_host(self):
+        """``on`` as numpy arrays: [(parent idx [w], rank [w]), ...], parents [N]."""
+        if "numpy" not in self._device_cache:
+            self._device_cache["numpy"] = (
+                [(self.parents[s:e].numpy(), self.ranks[s:e].numpy()) for s, e in self.levels],
+                self.parents.numpy())
+        return self._device_cache["numpy"]
+
     def on(self, device: torch.device):
         """(parents, ranks) per level on ``device``: [(parent idx [w], rank [w]), ...]."""
         if device not in self._device_cache:
@@ -190,14 +200,21 @@ class RecyclingDrafter:
         tpl = self.template.select(budget.max_nodes, budget.max_depth)
         if len(tpl) == 0:
             return TokenTree.empty(self.device)
+        if self.device.type == "cpu":
+            return self._propose_host(int(request.tokens[-1]), tpl)
+        return self._propose_device(request.tokens[-1:].to(self.device), tpl)
+
+    def _propose_device(self, root: torch.Tensor, tpl: TreeTemplate) -> TokenTree:
+        """root [1]: the template expanded with torch ops on the matrix's device, one
+        gather per depth level; then one transfer, and the pruning on the host (the
+        tree goes there anyway: ``generate`` builds the verify inputs on the host)."""
         levels, parents = tpl.on(self.device)
-        root = request.tokens[-1:].to(self.device)  # [1]
         tokens = torch.empty(len(tpl), dtype=torch.long, device=self.device)  # [N]
         for (s, e), (par, rank) in zip(tpl.levels, levels):
             parent_tok = root.expand(e - s) if s == 0 else tokens[par]  # level 1's parent is the root
             child = self.adj[parent_tok.clamp(min=0), rank]
             tokens[s:e] = torch.where(parent_tok >= 0, child, SENTINEL)  # -1 propagates down
-        return self._prune(tokens, parents)
+        return _prune_host(tokens.cpu().numpy(), tpl.on_host()[1])
 
     def update(self, result: VerifyResult) -> None:
         logits = result.target_logits  # [n + 1, vocab]: root, then each node
@@ -214,6 +231,20 @@ class RecyclingDrafter:
             order = torch.tensor(rest + rows, device=self.device)
             node_tokens, topk = node_tokens[order], topk[order]
         recycling_update(self.adj, node_tokens, topk)
+
+    def _propose_host(self, root: int, tpl: TreeTemplate) -> TokenTree:
+        """``propose`` for a matrix in host memory: the same gathers in numpy, whose
+        per-call cost is a fraction of torch's on tensors this small."""
+        adj = self.adj.numpy()  # [vocab, k], shares memory with self.adj
+        levels, parents = tpl.on_host()
+        tokens = np.empty(len(tpl), dtype=np.int64)  # [N]
+        for (s, e), (par, rank) in zip(tpl.levels, levels):
+            if s == 0:  # level 1's parent is the root
+                tokens[s:e] = adj[root, rank]
+                continue
+            parent_tok = tokens[par]
+            tokens[s:e] = np.where(parent_tok >= 0, adj[np.maximum(parent_tok, 0), rank], SENTINEL)
+        return _prune_host(tokens, parents)
 
     # -------------------------------------------------------------- seeding
     def seed_bigrams(self, tokens: torch.Tensor) -> None:
@@ -239,12 +270,11 @@ class RecyclingDrafter:
             ids = torch.cat([ids, pad], dim=-1)
         return ids
 
-    # -------------------------------------------------------------- helpers
-    @staticmethod
-    def _prune(tokens: torch.Tensor, parents: torch.Tensor) -> TokenTree:
-        """Drop nodes with token -1 (their subtrees are -1 too); keeps topological order."""
-        keep = tokens >= 0  # [N]
-        kept = keep.nonzero().squeeze(1)  # the one host sync: the tree's size
-        new_index = keep.long().cumsum(0) - 1
-        new_parents = torch.where(parents >= 0, new_index[parents.clamp(min=0)], parents)
-        return TokenTree(tokens[kept], new_parents[kept])
+
+def _prune_host(tokens: np.ndarray, parents: np.ndarray) -> TokenTree:
+    """tokens, parents [N] of an expanded template: drop nodes with token -1 (their
+    subtrees are -1 too), keeping topological order; a host tree."""
+    keep = tokens >= 0
+    new_index = np.cumsum(keep) - 1
+    new_parents = np.where(parents >= 0, new_index[np.maximum(parents, 0)], parents)
+    return TokenTree(torch.from_numpy(tokens[keep]), torch.from_numpy(new_parents[keep]))

@@ -37,7 +37,7 @@ def _aggregate(recs: list[dict], family: str) -> dict:
         out.update(steps=steps, mean_accepted_length=new / steps if steps else None,
                    acceptance_histogram={int(k): v for k, v in sorted(hist.items())},
                    mean_tree_size=sum(r["mean_tree_size"] * r["steps"] for r in recs) / max(1, steps),
-                   draft_s=sum(r["draft_s"] for r in recs), verify_s=sum(r["verify_s"] for r in recs))
+                   **{k: sum(r.get(k, 0.0) for r in recs) for k in ("draft_s", "verify_s", "update_s", "control_s")})
     compared = [r for r in recs if "match" in r]
     if compared:
         bad = [r for r in compared if not r["match"]]
@@ -158,8 +158,8 @@ def markdown(results: dict, plots: list[str], *, reference: str, plain: str) -> 
           + ("torch.cuda.max_memory_allocated." if s["memory"]["kind"].startswith("cuda")
              else "process RSS after the calls (CPU; max)."), "",
           f"| method | tok/s | decode tok/s | vs {reference} | vs {plain} | tau | accepted histogram | exact match "
-          "| peak MiB | prefill s | draft s | verify s |",
-          "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+          "| peak MiB | prefill s | draft s | verify s | update s | control s |",
+          "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for n, m in summary[top].items():
         em = f"{100 * m['exact_match']:.0f}% of {m['compared']}" if "exact_match" in m else ""
         peak = results["peak_memory_bytes"].get(n)
@@ -167,7 +167,8 @@ def markdown(results: dict, plots: list[str], *, reference: str, plain: str) -> 
                  f"{_f(m.get('speedup_vs_' + reference), '{:.2f}x')} | {_f(m.get('speedup_vs_' + plain), '{:.2f}x')} "
                  f"| {_f(m.get('mean_accepted_length'), '{:.2f}')} | {_hist(m.get('acceptance_histogram'))} | {em} | "
                  f"{_f(peak / 2**20 if peak else None, '{:.0f}')} | {_f(m.get('prefill_s'), '{:.2f}')} | "
-                 f"{_f(m.get('draft_s'), '{:.2f}')} | {_f(m.get('verify_s'), '{:.2f}')} |")
+                 f"{_f(m.get('draft_s'), '{:.2f}')} | {_f(m.get('verify_s'), '{:.2f}')} | "
+                 f"{_f(m.get('update_s'), '{:.2f}')} | {_f(m.get('control_s'), '{:.2f}')} |")
     bad = [(n, x) for n, m in summary[top].items() for x in m.get("mismatches", [])]
     if bad:
         L += ["", f"## Outputs that differ from {s.get('exact_match_reference', reference)}", ""]

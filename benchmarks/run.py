@@ -322,7 +322,8 @@ def _timed_loop(args, ctx, prompts, active, memory) -> tuple[list, dict, bool]:
                 if r.stats is not None:
                     rec.update(steps=r.stats["steps"], accepted_per_step=r.stats["accepted_per_step"],
                                mean_tree_size=r.stats["mean_tree_size"], draft_s=r.stats["draft_time_s"],
-                               verify_s=r.stats["verify_time_s"])
+                               verify_s=r.stats["verify_time_s"], update_s=r.stats.get("update_time_s", 0.0),
+                               control_s=r.stats.get("control_time_s", 0.0))
                 if m.name == args.match_reference:
                     ref_tokens = r.new_tokens
                 elif not ctx.do_sample and ref_tokens is not None:

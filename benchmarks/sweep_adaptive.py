@@ -124,7 +124,7 @@ def run_one(runner, ids, drafter, *, max_new_tokens, eos, budget=None, controlle
     return {"tokens": out.new_tokens.tolist(), "wall_s": time.perf_counter() - t0, "prefill_s": s.prefill_time_s,
             "new_tokens": s.new_tokens, "steps": s.steps, "accepted": sum(s.accepted_per_step),
             "tree_nodes": sum(s.tree_sizes), "budgets": list(s.budgets), "draft_s": s.draft_time_s,
-            "verify_s": s.verify_time_s}
+            "verify_s": s.verify_time_s, "update_s": s.update_time_s, "control_s": s.control_time_s}
 
 
 def summarise(records: list[dict], methods: list[str], default: str, adaptive=(ADAPTIVE,)) -> dict:
@@ -143,7 +143,9 @@ def summarise(records: list[dict], methods: list[str], default: str, adaptive=(A
                        "tokens_per_s": new / dec if dec > 0 else None,
                        "mean_accepted_length": new / steps if steps else None,
                        "mean_tree_size": sum(r["tree_nodes"] for r in rs) / max(1, steps),
-                       "draft_s": sum(r["draft_s"] for r in rs), "verify_s": sum(r["verify_s"] for r in rs),
+                       **{k: sum(r.get(k, 0.0) for r in rs) for k in ("draft_s", "verify_s", "update_s", "control_s")},
+                       "other_s": sum(r["wall_s"] - r["prefill_s"] - sum(r.get(k, 0.0) for k in
+                                      ("draft_s", "verify_s", "update_s", "control_s")) for r in rs),
                        "exact_match": all(r.get("match", True) for r in rs)}
             if m in adaptive:
                 hist = Counter(b for r in rs for b in r["budgets"])
@@ -189,12 +191,16 @@ def markdown(results: dict) -> str:
                          f"| {g['worst_fixed']} | {f(w.get('tokens_per_s'))} | {f(d.get('tokens_per_s'))} "
                          f"| {f(d.get('mean_accepted_length'), '{:.2f}')} | {f(ratio(a, b), '{:.2f}x')} "
                          f"| {f(ratio(a, d), '{:.2f}x')} | {all(r['exact_match'] for r in rows.values())} |")
-    lines += ["", "## Every setting", "", "| dataset | setting | tok/s | tau | mean tree | draft s | verify s |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "## Every setting", "", "Seconds over the whole dataset: draft = propose, update = the drafter's "
+              "update, control = the controller, other = the rest of the decode loop.", "",
+              "| dataset | setting | tok/s | tau | mean tree | draft s | verify s | update s | control s | other s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for group, g in results["summary"].items():
         for m, r in g["methods"].items():
             lines.append(f"| {group} | {m} | {f(r['tokens_per_s'])} | {f(r['mean_accepted_length'], '{:.2f}')} "
-                         f"| {r['mean_tree_size']:.1f} | {r['draft_s']:.2f} | {r['verify_s']:.2f} |")
+                         f"| {r['mean_tree_size']:.1f} | {r['draft_s']:.2f} | {r['verify_s']:.2f} "
+                         f"| {f(r.get('update_s'), '{:.2f}')} | {f(r.get('control_s'), '{:.2f}')} "
+                         f"| {f(r.get('other_s'), '{:.2f}')} |")
     for name in variants:
         hist = {g: v["methods"].get(name, {}).get("budget_histogram") for g, v in results["summary"].items()}
         lines += ["", f"`{name}` budget choices (max_nodes: steps): "

@@ -25,8 +25,10 @@ class GenerationStats:
     accepted_per_step: list[int] = field(default_factory=list)  # drafted tokens kept per step
     tree_sizes: list[int] = field(default_factory=list)
     budgets: list[int] = field(default_factory=list)  # the node budget each step's drafter was given
-    draft_time_s: float = 0.0
-    verify_time_s: float = 0.0
+    draft_time_s: float = 0.0  # drafter.propose (and the budget checks on its tree)
+    verify_time_s: float = 0.0  # the target's forward, acceptance, KV compaction
+    update_time_s: float = 0.0  # drafter.update after each verification
+    control_time_s: float = 0.0  # the adaptive controller's choose + observe
     prefill_time_s: float = 0.0
     total_time_s: float = 0.0
 
@@ -51,6 +53,7 @@ class GenerationStats:
                 "mean_tree_size": sum(self.tree_sizes) / max(1, len(self.tree_sizes)),
                 "mean_budget": sum(self.budgets) / max(1, len(self.budgets)),
                 "draft_time_s": self.draft_time_s, "verify_time_s": self.verify_time_s,
+                "update_time_s": self.update_time_s, "control_time_s": self.control_time_s,
                 "prefill_time_s": self.prefill_time_s, "total_time_s": self.total_time_s,
                 "tokens_per_second": self.tokens_per_second}
 
@@ -235,7 +238,12 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
         if room < 0:
             warnings.warn(f"reached the model's context length {runner.max_length}; stopping early")
             break
-        chosen = controller.choose(key) if choosing else cap
+        if choosing:
+            t_choose = time.perf_counter()
+            chosen = controller.choose(key)
+            stats.control_time_s += time.perf_counter() - t_choose
+        else:
+            chosen = cap
         arm_budget = TreeBudget(max_nodes=min(chosen.max_nodes, cap.max_nodes, room),  # the controller's view
                                 max_depth=min(chosen.max_depth, cap.max_depth, remaining - 1, room))
         step_budget = arm_budget if fit_nodes is None else \
@@ -279,8 +287,11 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
             base_counts += torch.bincount(torch.tensor(new, device=device), minlength=runner.vocab_size)
         if streamer is not None:
             streamer.put(torch.tensor(new))
+        t3 = time.perf_counter()
         if not stop:
             drafter.update(VerifyResult(tree, acc.accepted_nodes, torch.tensor(new), token_buf[:len(tokens)], logits))
+        t4 = time.perf_counter()
+        stats.update_time_s += t4 - t3
         if controller is not None:
             # The controller prices a step by all of its time: whatever is not the verify forward
             # (drafting, the drafter's update, bookkeeping) counts on the drafting side. On a GPU
@@ -288,6 +299,7 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
             other = time.perf_counter() - t_step - (t2 - t1)
             controller.observe(key, n, len(acc.accepted_nodes), other, t2 - t1, tree=tree,
                                accepted_nodes=acc.accepted_nodes, budget=arm_budget)
+            stats.control_time_s += time.perf_counter() - t4
     if streamer is not None:
         streamer.end()
     stats.total_time_s = time.perf_counter() - t_start

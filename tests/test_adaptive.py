@@ -436,6 +436,7 @@ def test_adaptive_generate_is_lossless(kind):
                                adaptive=ctl if kind in ("chain", "ngram") else True)
         assert out.sequences.tolist() == ref.tolist()
         assert len(out.stats.budgets) == out.stats.steps
+        assert out.stats.control_time_s > 0.0 and out.stats.as_dict()["control_time_s"] == out.stats.control_time_s
         assert all(1 <= b <= 64 for b in out.stats.budgets[:-1])
     if kind in ("chain", "tree"):
         assert ctl._stats["ModelDrafter"].steps == out.stats.steps  # the drafter's controller learned
@@ -453,6 +454,9 @@ def test_fixed_budget_pins_and_sampling_still_runs():
     out = specdec.generate(model, ids, drafter=specdec.ModelDrafter(draft, gamma=3), max_new_tokens=20,
                            eos_token_id=None, budget=TreeBudget(max_nodes=2, max_depth=2))
     assert set(out.stats.budgets) == {2} and max(out.stats.tree_sizes) <= 2
+    st = out.stats  # a pinned budget: no controller time; the parts of a step add up to at most its whole
+    assert st.control_time_s == 0.0 and st.update_time_s > 0.0 and st.draft_time_s > 0.0
+    assert st.draft_time_s + st.verify_time_s + st.update_time_s <= st.total_time_s - st.prefill_time_s
     off = specdec.generate(model, ids, drafter=specdec.ModelDrafter(draft, gamma=3), max_new_tokens=20,
                            eos_token_id=None, adaptive=False)
     assert set(off.stats.budgets[:-1]) == {64} and off.sequences.tolist() == out.sequences.tolist()

@@ -108,7 +108,9 @@ def accept_greedy(tree: TokenTree, processed_logits: torch.Tensor) -> Acceptance
     the native host op. Either way one transfer brings the result back."""
     dev = processed_logits.device
     argmax = processed_logits.argmax(dim=-1)  # [n + 1]
-    bad = torch.isnan(processed_logits).any()
+    # argmax propagates NaN (a row holding one picks it), so checking the picked values
+    # finds every NaN row without a second pass over the logits
+    bad = torch.isnan(processed_logits.gather(-1, argmax[:, None])).any()
     if dev.type == "cuda" and len(tree):
         path, num, bonus = greedy_accept_device(tree.parents.to(dev), tree.tokens.to(dev), argmax)
         return _read_back(path, num, bonus, bad)

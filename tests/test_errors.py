@@ -77,3 +77,18 @@ def test_encoder_decoder_rejected():
                                                 num_heads=2))
     with pytest.raises(ValueError, match="decoder-only"):
         specdec.generate(model, torch.tensor([[1, 2]]))
+
+
+def test_a_single_nan_anywhere_is_caught():
+    """accept_greedy finds a NaN from the argmax's pick (no second pass over the logits)."""
+    from specdec.sampling import accept_greedy
+    from specdec.tree import chain
+
+    tree = chain([3, 4, 5])
+    for row, col in [(0, 0), (1, 7), (3, 95), (2, 50)]:
+        logits = torch.randn(4, 96, generator=torch.Generator().manual_seed(row * 100 + col))
+        logits[row, col] = float("nan")
+        with pytest.raises(FloatingPointError, match="NaN"):
+            accept_greedy(tree, logits)
+    clean = torch.randn(4, 96, generator=torch.Generator().manual_seed(1))
+    assert accept_greedy(tree, clean).bonus_token == int(clean[0].argmax())

@@ -1,5 +1,5 @@
 """HFRunner's CPU padding of 2- and 3-token forwards (see generic.CPU_PAD_TO): the real
-rows' logits and the cache are those of the unpadded forward."""
+rows' logits and the cache are those of the unpadded forward; whether to pad is measured."""
 from __future__ import annotations
 
 import pytest
@@ -33,3 +33,16 @@ def test_padded_forward_equals_unpadded(family, m, masked, monkeypatch):
     torch.testing.assert_close(n4, n1, rtol=1e-5, atol=1e-5)
     for a, b in zip(k1, k4):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_choice_is_measured_once_and_can_be_pinned(monkeypatch):
+    monkeypatch.setattr(generic, "CPU_PAD_TO", None)
+    monkeypatch.setattr(generic, "_MEASURED_PAD", {})
+    w = torch.randn(512, 32)
+    rows = generic._cpu_rows_to_pad(w)
+    assert rows <= {2, 3} and list(generic._MEASURED_PAD.values()) == [rows]
+    assert generic._cpu_rows_to_pad(w) is rows  # cached per shape / dtype / threads
+    monkeypatch.setattr(generic, "CPU_PAD_TO", 4)
+    assert generic._cpu_rows_to_pad(w) == {2, 3}
+    monkeypatch.setattr(generic, "CPU_PAD_TO", 1)
+    assert generic._cpu_rows_to_pad(w) == frozenset()

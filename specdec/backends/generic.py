@@ -11,17 +11,46 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
+import time
 
 import torch
 from transformers import DynamicCache
 
 log = logging.getLogger("specdec")
 
-# On CPU, torch's linear layers run 2- and 3-row inputs as one matrix-vector product per
-# row (a 49152-row LM head: 12 / 25 / 41 / 24 ms for 1 / 2 / 3 / 4 rows), so a forward of
-# 2 or 3 tokens is padded to this many: the padding rows see only themselves, no real
-# row sees them, and their cache entries are dropped before returning.
-CPU_PAD_TO = 4
+# On some CPUs torch's linear layers run 2- and 3-row inputs as one matrix-vector product
+# per row (a 49152-row LM head on a 2-core AMD EPYC: 12 / 25 / 41 / 24 ms for 1 / 2 / 3 / 4
+# rows), on others 2 rows cost what 1 does and 4 cost twice as much (a 2-core Intel Xeon:
+# 13 / 13 / - / 27 ms). So whether a forward of 2 or 3 tokens is padded to 4 is measured
+# once per LM-head shape (``_cpu_rows_to_pad``): the padding rows see only themselves, no
+# real row sees them, and their cache entries are dropped before returning.
+# CPU_PAD_TO: None = measure; an int pins it (1 = never pad, 4 = always pad 2 and 3 rows).
+CPU_PAD_TO: int | None = None
+_PAD_TARGET = 4
+_MEASURED_PAD: dict[tuple, frozenset] = {}
+
+
+def _cpu_rows_to_pad(weight: torch.Tensor) -> frozenset:
+    """The row counts m in {2, 3} that run faster padded to 4 rows through this LM head
+    (``weight`` [vocab, hidden]) on this CPU: timed once per shape, dtype and thread count."""
+    if CPU_PAD_TO is not None:
+        return frozenset(m for m in (2, 3) if m < CPU_PAD_TO)
+    key = (tuple(weight.shape), weight.dtype, torch.get_num_threads())
+    if key not in _MEASURED_PAD:
+        x = torch.randn(_PAD_TARGET, weight.shape[1], dtype=weight.dtype)
+        best = {}
+        with torch.no_grad():
+            for _ in range(3):  # interleaved, so a burst of outside load hits every size alike
+                for m in (2, 3, _PAD_TARGET):
+                    t0 = time.perf_counter()
+                    torch.nn.functional.linear(x[:m], weight)
+                    best[m] = min(best.get(m, math.inf), time.perf_counter() - t0)
+        _MEASURED_PAD[key] = frozenset(m for m in (2, 3) if best[_PAD_TARGET] < 0.9 * best[m])
+        log.info("specdec: CPU forwards of %s rows padded to %d (LM head %s: %s ms)",
+                 sorted(_MEASURED_PAD[key]) or "no", _PAD_TARGET, tuple(weight.shape),
+                 {m: round(t * 1e3, 1) for m, t in best.items()})
+    return _MEASURED_PAD[key]
 
 def _text_config(model):
     cfg = model.config
@@ -100,7 +129,7 @@ class HFRunner:
         m = input_ids.numel()
         length = self.length
         mask_start = length if mask_start is None else mask_start
-        if self.device.type == "cpu" and 1 < m < CPU_PAD_TO:
+        if self.device.type == "cpu" and m in (2, 3) and m in self._rows_to_pad():
             return self._padded_forward(input_ids, position_ids, tree_mask, mask_start)
         position_ids = position_ids.to(self.device)
         full = self._mask(m, position_ids, tree_mask, mask_start, self._global_window)
@@ -114,9 +143,16 @@ class HFRunner:
         self.key_pos = torch.cat([self.key_pos, position_ids])
         return out.logits[0].float()  # [m, vocab]
 
+    def _rows_to_pad(self) -> frozenset:
+        head = self.model.get_output_embeddings()
+        weight = getattr(head, "weight", None)
+        if weight is None or weight.dim() != 2:
+            return frozenset()
+        return _cpu_rows_to_pad(weight)
+
     def _padded_forward(self, input_ids, position_ids, tree_mask, mask_start) -> torch.Tensor:
-        """``forward`` of m < CPU_PAD_TO tokens run as CPU_PAD_TO (see CPU_PAD_TO); logits [m, vocab]."""
-        m, pad, length = input_ids.numel(), CPU_PAD_TO - input_ids.numel(), self.length
+        """``forward`` of 2 or 3 tokens run as 4 (see CPU_PAD_TO); logits [m, vocab]."""
+        m, pad, length = input_ids.numel(), _PAD_TARGET - input_ids.numel(), self.length
         tail = length - mask_start + m  # keys the tree mask covers
         if tree_mask is None:
             tree_mask = torch.ones(m, tail, dtype=torch.bool).tril(tail - m)

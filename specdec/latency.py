@@ -42,8 +42,13 @@ def _device_name(device) -> str:
     return f"{device.type} x{torch.get_num_threads()}"
 
 
+# Bumped when the runtimes' cost per tree size changes (a curve measured before would
+# mislead the controller until online refinement caught up): 2 = CPU padding measured.
+CURVE_VERSION = 2
+
+
 def latency_key(model, runner=None) -> str:
-    """A file-name-safe key: model name + config hash, dtype, device name, backend."""
+    """A file-name-safe key: model name + config hash, dtype, device name, backend, curve version."""
     hf = model if isinstance(model, torch.nn.Module) else getattr(model, "model", None)
     cfg = getattr(hf, "config", None)
     name, digest = type(hf or model).__name__, "noconfig"
@@ -58,7 +63,7 @@ def latency_key(model, runner=None) -> str:
     dtype = str(params.dtype if params is not None else getattr(runner or model, "dtype", "na")).replace("torch.", "")
     device = params.device if params is not None else getattr(runner or model, "device", "cpu")
     backend = type(runner).__name__ if runner is not None else "runner"
-    raw = f"{Path(str(name)).name}-{digest}-{dtype}-{_device_name(device)}-{backend}"
+    raw = f"{Path(str(name)).name}-{digest}-{dtype}-{_device_name(device)}-{backend}-v{CURVE_VERSION}"
     return re.sub(r"[^A-Za-z0-9.]+", "-", raw).strip("-")
 
 

@@ -121,9 +121,9 @@ def test_prune_matches_python_oracle():
     d.adj = torch.randint(0, 30, (30, 8), generator=g)
     d.adj[torch.rand(30, 8, generator=g) < 0.3] = -1
     tree = d.propose(DraftRequest(torch.tensor([4]), TreeBudget(64, 8), SamplingParams()))
-    toks, par = [], []  # oracle: walk the template node by node
+    toks, par = [], []  # oracle: walk the template node by node, best first
     node_tok, new_id = {}, {}
-    for i, path in enumerate(t.paths):
+    for i, path in enumerate(t.priority):
         ptok = 4 if len(path) == 1 else node_tok.get(path[:-1], -1)
         tok = int(d.adj[ptok, path[-1]]) if ptok >= 0 else -1
         node_tok[path] = tok
@@ -139,6 +139,22 @@ def test_prune_matches_python_oracle():
             host = d._propose_host(root, tpl)
             dev = d._propose_device(torch.tensor([root]), tpl)
             assert host.tokens.tolist() == dev.tokens.tolist() and host.parents.tolist() == dev.parents.tolist()
+
+
+def test_smaller_budget_tree_is_a_prefix_of_a_bigger_one():
+    """What the adaptive controller relies on: the first n nodes of a proposal are the
+    proposal for budget n (nodes come best first), with or without pruned nodes."""
+    g = torch.Generator().manual_seed(3)
+    d = RecyclingDrafter(vocab_size=30, template=TreeTemplate.best_first(64))
+    d.adj = torch.randint(0, 30, (30, 8), generator=g)
+    d.adj[torch.rand(30, 8, generator=g) < 0.2] = -1
+    for root in range(6):
+        big = d.propose(DraftRequest(torch.tensor([root]), TreeBudget(64, 8), SamplingParams()))
+        for n in (1, 4, 16, 40):
+            small = d.propose(DraftRequest(torch.tensor([root]), TreeBudget(n, 8), SamplingParams()))
+            k = len(small)
+            assert big.tokens[:k].tolist() == small.tokens.tolist()
+            assert big.parents[:k].tolist() == small.parents.tolist()
 
 
 @pytest.mark.parametrize("use_kernel", [False, True])

@@ -14,7 +14,8 @@ recent time it was seen, ``-1`` where nothing is known yet.
   breadth-first: node token = ``adj[parent token, child rank]``. The template's
   (parent, rank) arrays are precomputed once; a proposal is one gather per depth
   level (numpy for a matrix in host memory, torch on a device, then one transfer).
-  Nodes whose token (or an ancestor's) is -1 are pruned. The tree is a host tree.
+  Nodes whose token (or an ancestor's) is -1 are pruned. The tree is a host tree, its
+  nodes in the template's priority order (a prefix of it is a smaller budget's tree).
 - Seeding: nothing is known at ``reset`` (unless ``keep_across_prompts``). With
   ``seed_prompt=True`` the prompt's bigrams fill rank 0 of rows not yet written
   (prompt lookup for free); ``seed_from_logits(tokens, logits)`` recycles a prefill's
@@ -70,6 +71,13 @@ class TreeTemplate:
         self.max_depth = int(self.depth.max()) if self.paths else 0
         bounds = torch.searchsorted(self.depth, torch.arange(1, self.max_depth + 2)).tolist()
         self.levels = [(bounds[d], bounds[d + 1]) for d in range(self.max_depth)]  # node slice per depth
+        # Proposals are returned in priority order (ancestor-closed), so the first n nodes
+        # of a tree are what ``select(n)`` would draft: the adaptive controller reads what a
+        # smaller budget would have accepted off a bigger tree's prefix.
+        prio_index = {q: i for i, q in enumerate(self.priority)}
+        self.priority_perm = np.array([index[q] for q in self.priority], dtype=np.int64)  # BFS node of each
+        self.priority_parents = np.array([prio_index[q[:-1]] if len(q) > 1 else -1 for q in self.priority],
+                                         dtype=np.int64)
         self._device_cache: dict = {}
         self._select_cache: dict = {}
 
@@ -208,13 +216,13 @@ class RecyclingDrafter:
         """root [1]: the template expanded with torch ops on the matrix's device, one
         gather per depth level; then one transfer, and the pruning on the host (the
         tree goes there anyway: ``generate`` builds the verify inputs on the host)."""
-        levels, parents = tpl.on(self.device)
+        levels = tpl.on(self.device)[0]
         tokens = torch.empty(len(tpl), dtype=torch.long, device=self.device)  # [N]
         for (s, e), (par, rank) in zip(tpl.levels, levels):
             parent_tok = root.expand(e - s) if s == 0 else tokens[par]  # level 1's parent is the root
             child = self.adj[parent_tok.clamp(min=0), rank]
             tokens[s:e] = torch.where(parent_tok >= 0, child, SENTINEL)  # -1 propagates down
-        return _prune_host(tokens.cpu().numpy(), tpl.on_host()[1])
+        return _prune_host(tokens.cpu().numpy(), tpl)
 
     def update(self, result: VerifyResult) -> None:
         logits = result.target_logits  # [n + 1, vocab]: root, then each node
@@ -236,7 +244,7 @@ class RecyclingDrafter:
         """``propose`` for a matrix in host memory: the same gathers in numpy, whose
         per-call cost is a fraction of torch's on tensors this small."""
         adj = self.adj.numpy()  # [vocab, k], shares memory with self.adj
-        levels, parents = tpl.on_host()
+        levels = tpl.on_host()[0]
         tokens = np.empty(len(tpl), dtype=np.int64)  # [N]
         for (s, e), (par, rank) in zip(tpl.levels, levels):
             if s == 0:  # level 1's parent is the root
@@ -244,7 +252,7 @@ class RecyclingDrafter:
                 continue
             parent_tok = tokens[par]
             tokens[s:e] = np.where(parent_tok >= 0, adj[np.maximum(parent_tok, 0), rank], SENTINEL)
-        return _prune_host(tokens, parents)
+        return _prune_host(tokens, tpl)
 
     # -------------------------------------------------------------- seeding
     def seed_bigrams(self, tokens: torch.Tensor) -> None:
@@ -271,9 +279,10 @@ class RecyclingDrafter:
         return ids
 
 
-def _prune_host(tokens: np.ndarray, parents: np.ndarray) -> TokenTree:
-    """tokens, parents [N] of an expanded template: drop nodes with token -1 (their
-    subtrees are -1 too), keeping topological order; a host tree."""
+def _prune_host(tokens: np.ndarray, tpl: TreeTemplate) -> TokenTree:
+    """tokens [N] of an expanded template (breadth-first order) -> a host tree in the
+    template's priority order, without the nodes of token -1 (their subtrees are -1 too)."""
+    tokens, parents = tokens[tpl.priority_perm], tpl.priority_parents
     keep = tokens >= 0
     new_index = np.cumsum(keep) - 1
     new_parents = np.where(parents >= 0, new_index[np.maximum(parents, 0)], parents)

@@ -167,14 +167,19 @@ class HFRunner:
         return logits[:m]
 
     def keep(self, start: int, keep_idx: torch.Tensor) -> None:
-        keep_idx = keep_idx.to(self.device)
-        self.key_pos = torch.cat([self.key_pos[:start], self.key_pos[start + keep_idx]])
-        for layer in self.cache.layers:
-            if layer.keys is None or layer.keys.numel() == 0:
-                continue
-            sel = start + keep_idx
-            layer.keys = torch.cat([layer.keys[:, :, :start], layer.keys.index_select(2, sel)], dim=2)
-            layer.values = torch.cat([layer.values[:, :, :start], layer.values.index_select(2, sel)], dim=2)
+        """Keep the cache entries [0, start) and start + keep_idx (ascending), in place:
+        only the kept tree rows move (rebuilding the whole cache would copy O(length)
+        per step); a prefix (plain decoding, a fully accepted chain) is a crop."""
+        idx = keep_idx.tolist()
+        if idx != list(range(len(idx))):
+            sel = start + keep_idx.to(self.device)
+            self.key_pos = torch.cat([self.key_pos[:start], self.key_pos[sel]])
+            for layer in self.cache.layers:
+                if layer.keys is None or layer.keys.numel() == 0:
+                    continue  # (index_select copies before the write: sel >= the target rows)
+                layer.keys[:, :, start:start + len(idx)] = layer.keys.index_select(2, sel)
+                layer.values[:, :, start:start + len(idx)] = layer.values.index_select(2, sel)
+        self.crop(start + len(idx))
 
     def crop(self, length: int) -> None:
         if length >= self.length:

@@ -86,7 +86,6 @@ class LatencyModel:
         self.key, self.lr, self.scale_lr, self.meta = key, float(lr), float(scale_lr), dict(meta or {})
         self.scale = 1.0  # the load right now relative to the curve (outside load on a shared machine)
         self._known_xy: tuple[np.ndarray, np.ndarray] | None = None  # cache of _known(); reset on change
-        self._known_py: tuple[list[float], list[float]] | None = None  # the same as lists
 
     # -- construction
     @classmethod
@@ -145,26 +144,8 @@ class LatencyModel:
         return self.scale * self.shape(n)
 
     def shape(self, n: float) -> float:
-        """The curve itself (seconds at load scale 1); ``_shape_many`` for one size, in
-        plain Python (it runs every step: numpy's per-call overhead would dominate)."""
-        x, y = self._known_lists()
-        if not x:
-            return 0.0
-        if n < x[0]:
-            slope = max((y[1] - y[0]) / (x[1] - x[0]), 0.0) if len(x) > 1 else math.inf
-            return max(y[0] - slope * (x[0] - n), y[0] * (n + 1) / (x[0] + 1))
-        if n > x[-1]:
-            return y[-1] + (max((y[-1] - y[-2]) / (x[-1] - x[-2]), 0.0) * (n - x[-1]) if len(x) > 1 else 0.0)
-        i = bisect.bisect_left(x, n)
-        if x[i] == n:
-            return y[i]
-        w = (n - x[i - 1]) / (x[i] - x[i - 1])
-        return y[i - 1] + w * (y[i] - y[i - 1])
-
-    def _known_lists(self) -> tuple[list[float], list[float]]:
-        if self._known_py is None:
-            self._known_py = tuple(a.tolist() for a in self._known())
-        return self._known_py
+        """The curve itself (seconds at load scale 1)."""
+        return float(self._shape_many(np.array([n], dtype=np.float64))[0])
 
     def predict_many(self, ns) -> np.ndarray:
         """``predict`` of every size in ``ns`` at once (what the controller asks each step)."""
@@ -217,7 +198,7 @@ class LatencyModel:
             else:  # at most halved per observation: an outlier at a neighbour (a CUDA graph
                 # captured during the step) must not drive a grid time to zero or below
                 self.times[j] = max(self.times[j] + self.lr * w * r, 0.5 * self.times[j])
-        self._known_xy = self._known_py = None  # (a new grid point enters as NaN: _known was valid until here)
+        self._known_xy = None  # (a new grid point enters as NaN: _known was valid until here)
 
     def _growth_cap(self, n: int) -> float:
         """The most a first sight of size ``n`` may start at: proportional growth in n + 1

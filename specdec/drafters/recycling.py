@@ -136,19 +136,17 @@ class TreeTemplate:
         return self._select_cache[key]
 
     def on_host(self):
-        """``on`` as numpy arrays: [(parent idx [w], rank [w]), ...], parents [N]."""
+        """``on`` as numpy arrays: [(parent idx [w], rank [w]), ...]."""
         if "numpy" not in self._device_cache:
-            self._device_cache["numpy"] = (
-                [(self.parents[s:e].numpy(), self.ranks[s:e].numpy()) for s, e in self.levels],
-                self.parents.numpy())
+            self._device_cache["numpy"] = [(self.parents[s:e].numpy(), self.ranks[s:e].numpy())
+                                           for s, e in self.levels]
         return self._device_cache["numpy"]
 
     def on(self, device: torch.device):
         """(parents, ranks) per level on ``device``: [(parent idx [w], rank [w]), ...]."""
         if device not in self._device_cache:
-            self._device_cache[device] = (
-                [(self.parents[s:e].to(device), self.ranks[s:e].to(device)) for s, e in self.levels],
-                self.parents.to(device))
+            self._device_cache[device] = [(self.parents[s:e].to(device), self.ranks[s:e].to(device))
+                                          for s, e in self.levels]
         return self._device_cache[device]
 
 
@@ -216,7 +214,7 @@ class RecyclingDrafter:
         """root [1]: the template expanded with torch ops on the matrix's device, one
         gather per depth level; then one transfer, and the pruning on the host (the
         tree goes there anyway: ``generate`` builds the verify inputs on the host)."""
-        levels = tpl.on(self.device)[0]
+        levels = tpl.on(self.device)
         tokens = torch.empty(len(tpl), dtype=torch.long, device=self.device)  # [N]
         for (s, e), (par, rank) in zip(tpl.levels, levels):
             parent_tok = root.expand(e - s) if s == 0 else tokens[par]  # level 1's parent is the root
@@ -244,7 +242,7 @@ class RecyclingDrafter:
         """``propose`` for a matrix in host memory: the same gathers in numpy, whose
         per-call cost is a fraction of torch's on tensors this small."""
         adj = self.adj.numpy()  # [vocab, k], shares memory with self.adj
-        levels = tpl.on_host()[0]
+        levels = tpl.on_host()
         tokens = np.empty(len(tpl), dtype=np.int64)  # [N]
         for (s, e), (par, rank) in zip(tpl.levels, levels):
             if s == 0:  # level 1's parent is the root

@@ -348,20 +348,7 @@ class BudgetController:
         prefix_max = list(itertools.accumulate(depths, max))  # deepest node among the first i + 1
         rows: tuple[list, list, list, list] = ([], [], [], [])  # arm, accepted, size, depth
         for a, arm in enumerate(self.arms):
-            if arm.max_nodes <= eff.max_nodes and arm.max_depth <= eff.max_depth:
-                m = min(n, arm.max_nodes)  # the arm's tree: the first m nodes, minus those too deep
-                if m == 0 or prefix_max[m - 1] <= arm.max_depth:
-                    size, depth = m, (prefix_max[m - 1] if m else 0)
-                else:
-                    keep = [d for d in depths[:m] if d <= arm.max_depth]
-                    size, depth = len(keep), max(keep, default=0)
-                acc = 0
-                for v in path:
-                    if v >= arm.max_nodes or depths[v] > arm.max_depth:
-                        break
-                    acc += 1
-                row = (a, acc, size, depth)
-            else:
+            if arm.max_nodes > eff.max_nodes or arm.max_depth > eff.max_depth:
                 # A bigger arm is not updated even when the drafter ran out before this
                 # budget (a bigger one would have drafted the same tree): only small and
                 # empty trees would reveal it, so its statistics would be biased towards
@@ -369,8 +356,19 @@ class BudgetController:
                 # controller at 0.92x of the best fixed budget; without, 0.98x). Bigger
                 # arms learn from their own steps and probes.
                 continue
-            for col, v in zip(rows, row):
-                col.append(v)
+            m = min(n, arm.max_nodes)  # the arm's tree: the first m nodes, minus those too deep
+            if m == 0 or prefix_max[m - 1] <= arm.max_depth:
+                size, depth = m, (prefix_max[m - 1] if m else 0)
+            else:
+                keep = [d for d in depths[:m] if d <= arm.max_depth]
+                size, depth = len(keep), max(keep, default=0)
+            acc = 0
+            for v in path:
+                if v >= arm.max_nodes or depths[v] > arm.max_depth:
+                    break
+                acc += 1
+            for col, x in zip(rows, (a, acc, size, depth)):
+                col.append(x)
         st.add_many(*rows)
 
     # -- estimates

@@ -5,6 +5,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
+# the per-step time split every specdec record carries (GenerationStats' *_time_s), seconds
+STEP_TIMES = ("draft_s", "verify_s", "update_s", "control_s")
+
 
 def groups_of(subsets: list[str]) -> dict[str, list[str]]:
     """Report groups: every subset, 'spec_bench' (all its categories) and 'all'."""
@@ -37,7 +40,7 @@ def _aggregate(recs: list[dict], family: str) -> dict:
         out.update(steps=steps, mean_accepted_length=new / steps if steps else None,
                    acceptance_histogram={int(k): v for k, v in sorted(hist.items())},
                    mean_tree_size=sum(r["mean_tree_size"] * r["steps"] for r in recs) / max(1, steps),
-                   **{k: sum(r.get(k, 0.0) for r in recs) for k in ("draft_s", "verify_s", "update_s", "control_s")})
+                   **{k: sum(r.get(k, 0.0) for r in recs) for k in STEP_TIMES})
     compared = [r for r in recs if "match" in r]
     if compared:
         bad = [r for r in compared if not r["match"]]

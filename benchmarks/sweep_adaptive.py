@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from . import datasets, models
+from .report import STEP_TIMES
 from .run import RESULTS_DIR, _fit_prompts, device_name, environment, slug
 
 ADAPTIVE = "adaptive"
@@ -143,9 +144,9 @@ def summarise(records: list[dict], methods: list[str], default: str, adaptive=(A
                        "tokens_per_s": new / dec if dec > 0 else None,
                        "mean_accepted_length": new / steps if steps else None,
                        "mean_tree_size": sum(r["tree_nodes"] for r in rs) / max(1, steps),
-                       **{k: sum(r.get(k, 0.0) for r in rs) for k in ("draft_s", "verify_s", "update_s", "control_s")},
-                       "other_s": sum(r["wall_s"] - r["prefill_s"] - sum(r.get(k, 0.0) for k in
-                                      ("draft_s", "verify_s", "update_s", "control_s")) for r in rs),
+                       **{k: sum(r.get(k, 0.0) for r in rs) for k in STEP_TIMES},
+                       "other_s": sum(r["wall_s"] - r["prefill_s"] - sum(r.get(k, 0.0) for k in STEP_TIMES)
+                                      for r in rs),
                        "exact_match": all(r.get("match", True) for r in rs)}
             if m in adaptive:
                 hist = Counter(b for r in rs for b in r["budgets"])

@@ -9,6 +9,7 @@
 # tests      every test marked `gpu` except the real-model ones
 # latency    benchmarks/bench_step_latency.py (random-weight SmolLM2 and Llama-3-8B shapes)
 # latency-unfused  the same without the fused RMSNorm / RoPE kernels (SPECDEC_FUSED_KERNELS=0)
+# profile    benchmarks/profile_step.py: per-kernel device time of a verify step vs tree size
 # realtests  tests/test_real_model_gpu.py (fast path == generic == transformers, fp32)
 # real-fp32  benchmarks.run on the real SmolLM2, fp32: speed and exact match vs transformers
 # real-bf16  the same in bf16, exact match vs specdec's own plain decoding
@@ -55,6 +56,10 @@ print(torch.__version__, triton.__version__, transformers.__version__, backend.d
       timeout "${LATENCY_TIMEOUT:-200}" python benchmarks/bench_step_latency.py --no-fused --out "$out" \
         --tag "${tag}_unfused" > "$out/latency-unfused.log" 2>&1
       echo "latency-unfused rc=$?"; tail -40 "$out/latency-unfused.log" ;;
+    profile)
+      timeout "${PROFILE_TIMEOUT:-150}" python benchmarks/profile_step.py --out "$out" --tag "$tag" \
+        > "$out/profile.log" 2>&1
+      echo "profile rc=$?"; tail -50 "$out/profile.log" ;;
     realtests)
       timeout "${TESTS_TIMEOUT:-240}" python -m pytest -q -rfEs --tb=short tests/test_real_model_gpu.py \
         > "$out/realtests.log" 2>&1

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
             bms = [bm for bm in bms if bm <= 64]
         splits = [s for s in (1, 2, 4, 8, 16, 32, 64) if L // s >= 128]
         auto = tk.default_num_splits(rows, hkv, L, d, dev)
-        case = {"hq": hq, "hkv": hkv, "d": d, "n": n, "L": L, "auto_config": tk.block_config(rows, d, 2, dev),
+        case = {"hq": hq, "hkv": hkv, "d": d, "n": n, "L": L, "auto_config": tk.block_config(rows, d, 2, dev, L, auto),
                 "auto_splits": auto, "timings": []}
 
         def run(cfg, s):

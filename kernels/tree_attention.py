@@ -209,20 +209,31 @@ def _device_info(device: torch.device) -> tuple[int, int]:
     return _DEVICE_INFO[idx]
 
 
-def block_config(n_rows: int, head_dim: int, elem_size: int = 2, device: torch.device | None = None) -> dict:
-    """Launch config for ``n_rows = n * G`` packed query rows (tuned on an H100, bf16).
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(1, int(x)).bit_length() - 1)
 
-    Few rows (decode-like): 16-row blocks, 4 warps. Many rows (big trees x GQA):
-    128-row blocks, 8 warps, for D <= 128; 64-row blocks with 32-key tiles for D = 256.
-    Then shrunk (stages, then BLOCK_N, then BLOCK_M) until the tiles fit shared memory."""
+
+def block_config(n_rows: int, head_dim: int, elem_size: int = 2, device: torch.device | None = None,
+                 prefix_bound: int | None = None, num_splits: int | None = None) -> dict:
+    """Launch config for ``n_rows = n * G`` packed query rows over a prefix of at most
+    ``prefix_bound`` keys (tuned on an H200 in bf16 with benchmarks/tune_layer_kernels.py,
+    each call timed inside a graph of back-to-back calls on K/V the L2 does not hold).
+
+    16-row blocks almost everywhere: a verify step's prefix is short next to the tree,
+    so many small programs (times split-K, see ``default_num_splits``) beat a few big
+    ones; 128-row blocks with 8 warps only for big trees over long prefixes at D >= 128.
+    Two pipeline stages when the prefix is split (one or two key blocks per program),
+    three otherwise. Then shrunk (stages, BLOCK_N, BLOCK_M) until the tiles fit shared
+    memory."""
     block_d = triton.next_power_of_2(head_dim)
-    if n_rows <= 16:
-        cfg = {"BLOCK_M": 16, "BLOCK_N": 64 if block_d <= 128 else 32, "num_warps": 4, "num_stages": 3}
+    long_prefix = prefix_bound is not None and prefix_bound >= 2048
+    if n_rows <= 64 or (n_rows <= 512 and (block_d < 128 or not long_prefix)):
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 64 if block_d <= 128 else 32, "num_warps": 4}
     elif block_d <= 128:
-        cfg = ({"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3} if n_rows <= 64 else
-               {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3})
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8}
     else:
-        cfg = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
+        cfg = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4}
+    cfg["num_stages"] = 3 if num_splits is None or num_splits <= 1 else 2
     smem_limit = _device_info(device)[1] if device is not None else 227 * 1024
 
     def smem(c):  # Q tile + (stages + 1) K and V tiles: close to what Triton reports
@@ -241,14 +252,24 @@ def block_config(n_rows: int, head_dim: int, elem_size: int = 2, device: torch.d
     return cfg
 
 
+SPLIT_KEYS = 64  # prefix keys per split that the split count aims at
+PARTIAL_BYTES_SMALL_BLOCKS = 2 << 20  # caps on the fp32 partial outputs that split-K writes
+PARTIAL_BYTES_BIG_BLOCKS = 8 << 20
+
+
 def default_num_splits(n_rows: int, n_kv_heads: int, prefix_bound: int, head_dim: int,
                        device: torch.device, elem_size: int = 2, max_splits: int = 64) -> int:
-    """About one wave of programs, each split with at least 128 (small blocks) or 512
-    (big blocks) prefix keys. Tuned on an H100 (benchmarks/tune_tree_attention.py)."""
-    block_m = block_config(n_rows, head_dim, elem_size, device)["BLOCK_M"]
+    """Split-K count: one split per ``SPLIT_KEYS`` prefix keys plus one (the last split
+    also runs the tree part, which then has a program of its own), at most four waves
+    of programs, and a cap on the partial outputs' bytes (they cost more than they save
+    once the tree is big). A power of two. Tuned with the block configs above."""
+    block_m = block_config(n_rows, head_dim, elem_size, device, prefix_bound)["BLOCK_M"]
     programs = triton.cdiv(n_rows, block_m) * n_kv_heads
-    min_chunk = 128 if block_m <= 16 else 512
-    return max(1, min(_device_info(device)[0] // programs, prefix_bound // min_chunk, max_splits))
+    want = triton.next_power_of_2(max(0, prefix_bound) // SPLIT_KEYS + 1)
+    partial_bytes = PARTIAL_BYTES_SMALL_BLOCKS if block_m == 16 else PARTIAL_BYTES_BIG_BLOCKS
+    partial_cap = partial_bytes // max(1, n_rows * n_kv_heads * head_dim * 4)
+    cap = min(4 * _device_info(device)[0] // programs, partial_cap, max_splits)
+    return min(want, _pow2_floor(cap))
 
 
 def tree_attention_fwd(
@@ -273,13 +294,13 @@ def tree_attention_fwd(
     if n == 0:
         return out
     n_rows = n * group
-    cfg = {**block_config(n_rows, head_dim, q.element_size(), q.device), **(config or {})}
-    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    if prefix_bound is None:
+        prefix_bound = prefix_len if isinstance(prefix_len, int) else k_cache.shape[1] - n
     if num_splits is None:
-        if prefix_bound is None:
-            prefix_bound = prefix_len if isinstance(prefix_len, int) else k_cache.shape[1] - n
         num_splits = default_num_splits(n_rows, n_kv_heads, prefix_bound, head_dim, q.device, q.element_size())
     num_splits = max(1, int(num_splits))
+    cfg = {**block_config(n_rows, head_dim, q.element_size(), q.device, prefix_bound, num_splits), **(config or {})}
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     from_ptr = isinstance(prefix_len, torch.Tensor)
     len_arg = prefix_len if from_ptr else query_pos  # any pointer when unused
     len_int = 0 if from_ptr else int(prefix_len)

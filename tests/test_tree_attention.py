@@ -112,6 +112,7 @@ CASES = [
     (128, 1, 1, 4, 16, None, None),
     (128, 0, 2, 1, 64, 50, None),
     (5, 37, 1, 2, 80, 1, 2),  # window 1: each node sees only itself
+    (40, 100, 2, 3, 32, None, 8),  # 16-row blocks x 8 splits: 2 with prefix keys, 5 empty, 1 tree-only
 ]
 
 
@@ -124,6 +125,30 @@ def test_kernel_matches_reference(n, prefix, n_kv, group, dim, window, splits):
     ref = attn.tree_attention_ref(q, k, v, prefix, mask, window=window)
     assert out.shape == q.shape and out.dtype == q.dtype
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_split_heuristic_shapes():
+    """Powers of two; a split per 64 prefix keys plus one for the tree part; none once
+    the tree alone fills the GPU; the partial-output cap bounds big trees."""
+    _triton_or_skip()
+    from specdec.kernels import tree_attention as tk
+
+    gpu = torch.device("cuda")
+    real_info = tk._device_info
+    tk._device_info = lambda device: (132, 227 * 1024)  # an H100/H200, without needing one
+    try:
+        for rows, hkv, bound, d in [(4, 8, 512, 128), (3, 3, 639, 64), (192, 3, 512, 64), (256, 8, 128, 128),
+                                    (512, 8, 4096, 128), (1, 1, 0, 64)]:
+            s = tk.default_num_splits(rows, hkv, bound, d, gpu)
+            assert s >= 1 and s & (s - 1) == 0, (rows, hkv, bound, d, s)
+        assert tk.default_num_splits(4, 8, 512, 128, gpu) == 16  # 8B decode: 8 prefix chunks + the tree
+        assert tk.default_num_splits(1, 1, 0, 64, gpu) == 1  # no prefix: nothing to split
+        assert tk.default_num_splits(512, 8, 512, 128, gpu) == 1  # 8B, 128 nodes: the partials would cost more
+        assert tk.block_config(192, 64, 2, gpu, 512, 8) == {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4,
+                                                            "num_stages": 2}
+        assert tk.block_config(256, 128, 2, gpu, 4096, 1)["BLOCK_M"] == 128  # big tree, long prefix
+    finally:
+        tk._device_info = real_info
 
 
 def test_kernel_packed_mask_tensor_prefix_and_positions():

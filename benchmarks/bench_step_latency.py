@@ -329,6 +329,10 @@ def bench_shape(shape: str, args, timer, device, dtype, bw) -> dict:
         d = res["decode"][name]
         print(f"  decode {name:16s} {d['tokens_per_s']:9.1f} tok/s ({d['ms_per_token']:.3f} ms/token)", flush=True)
     res["graph"] = graphed.describe()
+    from specdec.ops import linear as linear_ops
+
+    res["one_row_linear"] = linear_ops.choices()  # cuBLAS or GEMV per weight shape (measured)
+    print(f"  one-row linears: {res['one_row_linear']}", flush=True)
     floor = (counts["weight_bytes_read_per_step"] + counts["kv_bytes_prefix"]) / (bw * 1e9)
     res["decode"]["floor_tokens_per_s"] = 1.0 / floor
     if not args.no_hf:
@@ -387,7 +391,9 @@ def to_markdown(meta: dict, results: list[dict]) -> str:
                   f"built in {r['build_s']:.1f} s; cache capacity {r['cache_capacity']}",
                   f"- graphs: mode {gi.get('mode')}, captured buckets {gi.get('captured')}"
                   + (f", disabled: {gi['disabled_reason']}" if gi.get("disabled_reason") else "")
-                  + (f", eager calls {gi['eager_calls']}" if gi.get("eager_calls") else ""), "",
+                  + (f", eager calls {gi['eager_calls']}" if gi.get("eager_calls") else ""),
+                  "- one-row linears (measured per weight shape): "
+                  + (", ".join(f"{k}: {v}" for k, v in r.get("one_row_linear", {}).items()) or "none"), "",
                   "| n | eager ms | graph ms | replay ms | floor ms | graph speed-up | graph / floor | "
                   "rel. err graph vs eager |", "|---|---|---|---|---|---|---|---|"]
         for s in r.get("steps", []):

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..ops import activation as act_ops
 from ..ops import attention as attn_ops
+from ..ops import linear as linear_ops
 from ..ops import norm as norm_ops
 from .kv_cache import StaticKVCache
 
@@ -90,11 +91,13 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [m, hidden]
         if self.gate_up_weight is None:
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-        gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)  # [m, 2 * inter]
+        gate_up = linear_ops.linear(x, self.gate_up_weight, self.gate_up_bias)  # [m, 2 * inter]
         if self.silu:
-            return self.down_proj(act_ops.silu_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)  # [m, inter] each
-        return self.down_proj(self.act_fn(gate) * up)
+            h = act_ops.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)  # [m, inter] each
+            h = self.act_fn(gate) * up
+        return linear_ops.linear(h, self.down_proj.weight, self.down_proj.bias)
 
 
 # ----------------------------------------------------------------------------- rope
@@ -274,7 +277,7 @@ class CompactModel(nn.Module):
         return self.model.embed_tokens(input_ids)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:  # [m, hidden] -> [m, vocab]
-        return self.lm_head(h)
+        return linear_ops.linear(h, self.lm_head.weight, self.lm_head.bias)
 
     # --- properties
     @property

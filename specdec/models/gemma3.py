@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops import linear as linear_ops
 from .common import CompactModel, GatedMLP, RMSNorm, rope_unsupported
 from .llama import Attention
 
@@ -79,7 +80,7 @@ class Gemma3Compact(CompactModel):
         return x * scale
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:  # [m, hidden] -> [m, vocab]
-        logits = self.lm_head(h)
+        logits = linear_ops.linear(h, self.lm_head.weight, self.lm_head.bias)
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits

@@ -7,9 +7,9 @@ config, RoPE scaling (linear, llama3, yarn) from transformers' own rope function
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..ops import linear as linear_ops
 from ..ops.rope import apply_rope_and_write
 from .common import AttnMeta, CompactModel, GatedMLP, RMSNorm, _attend, fuse_linears, rope_unsupported
 from .kv_cache import StaticKVCache
@@ -53,7 +53,7 @@ class Attention(nn.Module):
         """x [m, hidden] -> q [m, Hq*D], k [m, Hkv*D], v [m, Hkv*D] (views of one GEMM once fused)."""
         if self.qkv_weight is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return F.linear(x, self.qkv_weight, self.qkv_bias).split(self.qkv_sizes, dim=-1)
+        return linear_ops.linear(x, self.qkv_weight, self.qkv_bias).split(self.qkv_sizes, dim=-1)
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], cache: StaticKVCache,
                 layer: int, meta: AttnMeta) -> torch.Tensor:
@@ -66,7 +66,7 @@ class Attention(nn.Module):
         q = apply_rope_and_write(q, k, v, *cos_sin, cache.k[layer], cache.v[layer], meta.write_at)
         o = _attend(q, cache.k[layer], cache.v[layer], meta,  # cache.k[layer]: [Hkv, S_max, D]
                     window=self.window, scale=self.scale, softcap=self.softcap)  # [m, Hq, D]
-        return self.o_proj(o.reshape(m, -1))  # [m, hidden]
+        return linear_ops.linear(o.reshape(m, -1), self.o_proj.weight, self.o_proj.bias)  # [m, hidden]
 
 
 class Block(nn.Module):

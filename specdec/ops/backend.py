@@ -113,4 +113,4 @@ def override(**flags: bool):
 def describe() -> dict:
     return {"native": native() is not None, "cuda_native": cuda_native() is not None,
             "triton": has_triton(), "fused_kernels": torch.cuda.is_available() and use_fused(torch.device("cuda")),
-            "flash_attn": has_flash_attn(), "torch": torch.__version__}
+            "gemv": os.environ.get("SPECDEC_GEMV", "auto"), "flash_attn": has_flash_attn(), "torch": torch.__version__}

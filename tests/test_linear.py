@@ -1,0 +1,105 @@
+"""The one-row GEMV (kernels/gemv.py) against ``F.linear``, and ``ops.linear``'s choice
+between it and cuBLAS (interpreter on CPU tensors; CUDA when present)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from specdec.ops import backend
+from specdec.ops import linear as linear_ops
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture
+def fused(triton_kernels):
+    with backend.override(fused=True):
+        yield
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 33), (33, 600), (130, 1030)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_kernel_matches_reference_every_config(fused, n, k, with_bias):
+    from specdec.kernels import gemv as kernel
+
+    g = torch.Generator().manual_seed(n * k)
+    x = torch.randn(k, generator=g).to(DEVICE)
+    w = torch.randn(n, k, generator=g).to(DEVICE)
+    b = torch.randn(n, generator=g).to(DEVICE) if with_bias else None
+    want = F.linear(x[None].double(), w.double(), None if b is None else b.double())[0]
+    for cfg in kernel.CONFIGS:
+        out = torch.full((n,), float("nan"), device=DEVICE)
+        kernel.gemv(x, w, b, out, cfg)
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-4, msg=lambda m: f"{cfg}: {m}")
+
+
+def test_gemv_reads_a_strided_weight_view(fused):
+    """Rows of a bigger matrix (the fused qkv weight's slices are such views)."""
+    from specdec.kernels import gemv as kernel
+
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(40, 96, generator=g).to(DEVICE)
+    w = big[5:25, :64]  # stride(0) = 96
+    x = torch.randn(64, generator=g).to(DEVICE)
+    out = torch.empty(20, device=DEVICE)
+    kernel.gemv(x, w, None, out)
+    torch.testing.assert_close(out, w @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_uses_gemv_when_forced(fused, monkeypatch):
+    monkeypatch.setenv("SPECDEC_GEMV", "1")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 80, generator=g).to(DEVICE, torch.float16)
+    w = (torch.randn(50, 80, generator=g) * 0.1).to(DEVICE, torch.float16)
+    b = torch.randn(50, generator=g).to(DEVICE, torch.float16)
+    calls = []
+    from specdec.kernels import gemv as kernel
+
+    real = kernel.gemv
+    monkeypatch.setattr(kernel, "gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    got = linear_ops.linear(x, w, b)
+    assert calls and got.shape == (1, 50) and got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), F.linear(x.float(), w.float(), b.float()), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("case", ["two_rows", "fp32", "off", "cpu_auto"])
+def test_linear_keeps_cublas_where_the_gemv_does_not_apply(fused, monkeypatch, case):
+    monkeypatch.setenv("SPECDEC_GEMV", {"off": "0", "cpu_auto": "auto"}.get(case, "1"))
+    if case == "cpu_auto" and HAS_CUDA:
+        pytest.skip("auto mode on CPU tensors only matters without CUDA")
+    rows = 2 if case == "two_rows" else 1
+    dtype = torch.float32 if case == "fp32" else torch.float16
+    x = torch.randn(rows, 32).to(DEVICE, dtype)
+    w = torch.randn(16, 32).to(DEVICE, dtype)
+    from specdec.kernels import gemv as kernel
+
+    monkeypatch.setattr(kernel, "gemv", lambda *a, **kw: pytest.fail("GEMV used"))
+    torch.testing.assert_close(linear_ops.linear(x, w), F.linear(x, w))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_linear_auto_measures_once_and_matches_cublas(monkeypatch):
+    monkeypatch.setenv("SPECDEC_GEMV", "auto")
+    monkeypatch.setattr(linear_ops, "_choice", {})
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
+    got = linear_ops.linear(x, w)
+    assert len(linear_ops._choice) == 1
+    torch.testing.assert_close(got.float(), F.linear(x, w).float(), rtol=2e-2, atol=2e-2)
+    linear_ops.linear(x, w)
+    assert len(linear_ops._choice) == 1  # measured once
+    # inside a capture before any measurement: cuBLAS, no timing
+    w2 = torch.randn(1024, 4096, device="cuda", dtype=torch.bfloat16)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        F.linear(x, w2)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = linear_ops.linear(x, w2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert len(linear_ops._choice) == 1
+    torch.testing.assert_close(y, F.linear(x, w2))

@@ -164,6 +164,41 @@ def tune_linear(args) -> list[dict]:
     return out
 
 
+def tune_gemv(args) -> list[dict]:
+    """The one-row GEMV's configs vs cuBLAS per weight shape (do_bench, L2 cleared)."""
+    import itertools
+
+    from triton.testing import do_bench
+
+    from specdec.kernels import gemv as kernel
+
+    dev = torch.device("cuda")
+    cands = [c for c in itertools.product((4, 8, 16, 32), (256, 512, 1024, 2048), (4, 8), (2, 3, 4))
+             if c[0] * c[1] <= 32768]
+    out = []
+    for shape in args.shapes:
+        for k, n in SHAPES[shape][3][:4]:
+            w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+            x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+            y = torch.empty(n, device=dev, dtype=torch.bfloat16)
+            row = {"shape": shape, "K": k, "N": n,
+                   "cublas_us": 1e3 * do_bench(lambda: F.linear(x, w), warmup=5, rep=25, return_mode="median")}
+            times = {}
+            for c in cands:
+                try:
+                    times[str(c)] = 1e3 * do_bench(lambda: kernel.gemv(x.view(-1), w, None, y, c), warmup=5, rep=25,
+                                                   return_mode="median")
+                except Exception:  # noqa: BLE001
+                    pass
+            best = sorted(times.items(), key=lambda kv: kv[1])[:5]
+            row.update(gemv=times, best=best)
+            gb = n * k * 2 / 1e3
+            print(f"gemv {shape:9s} K={k:6d} N={n:6d}: cuBLAS {row['cublas_us']:6.1f} us ({gb / row['cublas_us']:.0f} GB/s)"
+                  f"  best " + ", ".join(f"{c} {t:.1f} us ({gb / t:.0f} GB/s)" for c, t in best[:3]), flush=True)
+            out.append(row)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -171,7 +206,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, nargs="+", default=[1, 4, 16, 32, 64, 128])
     p.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--m", type=int, nargs="+", default=[1, 16, 64])
-    p.add_argument("--skip", choices=["attention", "linear"], nargs="*", default=[])
+    p.add_argument("--skip", choices=["attention", "linear", "gemv"], nargs="*", default=[])
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
@@ -185,6 +220,9 @@ def main(argv=None) -> int:
     path = out / ("tune_layer_kernels" + (f"_{args.tag}" if args.tag else "") + ".json")
     if "linear" not in args.skip:
         res["linear"] = tune_linear(args)
+        path.write_text(json.dumps(res, indent=1))
+    if "gemv" not in args.skip:
+        res["gemv"] = tune_gemv(args)
         path.write_text(json.dumps(res, indent=1))
     if "attention" not in args.skip:
         res["attention"] = tune_attention(args)

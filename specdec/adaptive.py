@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 import weakref
 from typing import Callable, Sequence
 
@@ -168,6 +169,14 @@ class _Stats:
         self.chosen_ctx: int | None = None  # the context the last choice was made in
         self._est = None
         self._w = None  # the draft-time regression's solution, until the next observation
+        # the controller's own cost: it decides and learns every ``stride``-th step only
+        # when a decision plus an observation would cost more than its share of a step
+        self.stride = 1
+        self.since_choice = 0
+        self.since_observe = 0
+        self.choose_cost = 0.0  # seconds of the last full decision
+        self.control_cost: float | None = None  # EMA of seconds per decision + observation
+        self.step_cost: float | None = None  # EMA of seconds per step (draft side + verify)
 
     def decay(self, g: float) -> None:
         for v in (self.M, self.XtX, self.Xty):
@@ -212,6 +221,12 @@ class BudgetController:
                 non-empty size), not t(mean size), which overprices arms that often draft
                 nothing where t jumps from 0 to 1 node, as on a CPU (simulated, half the
                 drafts empty: 0.95x -> 0.97x of the best fixed budget).
+    max_control_share: the controller's own time (a decision plus an observation, timed)
+                stays under this share of a step: when it would not, it decides and learns
+                only every k-th step (k <= ``max_stride``; steps picked by count, so the
+                sample is unbiased) and keeps its last choice in between. On a CPU (steps of
+                ~100 ms) k = 1; on an H200 (steps of 2-3 ms, ~0.3 ms of controller) k ~ 4.
+                0 = every step.
     context_levels: condition each choice on the previous step's accepted count, capped at
                 ``context_levels - 1`` (acceptance comes in runs: after a long accept a big
                 tree pays more often than after a miss). Each context keeps its own arm
@@ -224,7 +239,7 @@ class BudgetController:
                  discount: float = 0.99, explore: float = 0.3, warmup: int = 8, ridge: float = 1e-3,
                  min_depth: int = 1, shift_z: float = 1.0, shift_keep: float = 0.05, probe_every: int = 8,
                  probe_cost: float = 0.02, context_levels: int = 0, context_prior: float = 4.0,
-                 split_empty: bool = True):
+                 split_empty: bool = True, max_control_share: float = 0.03, max_stride: int = 8):
         arms = list(arms) if arms is not None else [TreeBudget(n, min(n, max_depth)) for n in grid]
         if not arms:
             raise ValueError("BudgetController needs at least one arm")
@@ -238,6 +253,7 @@ class BudgetController:
         self.probe_every, self.probe_cost = int(probe_every), float(probe_cost)
         self.context_levels, self.context_prior = int(context_levels), float(context_prior)
         self.split_empty = bool(split_empty)
+        self.max_control_share, self.max_stride = float(max_control_share), max(1, int(max_stride))
         self._stats: dict[str, _Stats] = {}
 
     @property
@@ -265,6 +281,11 @@ class BudgetController:
     # -- the per-step decision
     def choose(self, key: str = "default") -> TreeBudget:
         st = self._state(key)
+        if st.last is not None and st.steps >= self.warmup and st.since_choice + 1 < st.stride:
+            st.since_choice += 1
+            return st.last
+        t0 = time.perf_counter()
+        st.since_choice = 0
         st.chosen_ctx = st.ctx if self.context_levels > 1 else None
         if st.steps < self.warmup:
             choice = self.arms[-1]
@@ -282,6 +303,7 @@ class BudgetController:
                     pst.last_probe = pst.steps
             choice = self.arms[i]
         st.last = choice
+        st.choose_cost = time.perf_counter() - t0
         return choice
 
     def observe(self, key: str, tree_size: int, accepted: int, draft_time: float, verify_time: float, *,
@@ -292,9 +314,16 @@ class BudgetController:
         updated (smaller ones by truncation) and the calibrators learn."""
         st = self._state(key)
         st.steps += 1
+        step = float(draft_time) + float(verify_time)
+        st.step_cost = step if st.step_cost is None else 0.9 * st.step_cost + 0.1 * step
+        if st.steps > self.warmup and st.since_observe + 1 < st.stride:
+            st.since_observe += 1
+            return
+        t0 = time.perf_counter()
+        skipped, st.since_observe = st.since_observe, 0
         eff = budget or st.last or TreeBudget(max(tree_size, 1), max(depth or tree_size, 1))
         self._detect_shift(st, eff, accepted)
-        st.decay(self.discount)
+        st.decay(self.discount ** (1 + skipped))  # forgetting per step, observed or not
         st._est = st._w = None
         revealed = [st]
         if st.chosen_ctx is not None:  # the context's own statistics learn from the same step
@@ -326,6 +355,15 @@ class BudgetController:
         x = np.array([1.0, depth, tree_size / 16.0])
         st.XtX += np.outer(x, x)
         st.Xty += x * float(draft_time) / self._load()  # draft times in load-free seconds, like the curve
+        self._update_stride(st, st.choose_cost + time.perf_counter() - t0)
+
+    def _update_stride(self, st: _Stats, cost: float) -> None:
+        st.control_cost = cost if st.control_cost is None else 0.9 * st.control_cost + 0.1 * cost
+        if self.max_control_share <= 0 or self.context_levels > 1 or not st.step_cost:
+            st.stride = 1  # (contexts need every step's outcome)
+            return
+        want = math.ceil(st.control_cost / (self.max_control_share * st.step_cost))
+        st.stride = int(min(self.max_stride, max(1, want)))
 
     def _detect_shift(self, st: _Stats, eff: TreeBudget, accepted: int) -> None:
         """When the played arm keeps surprising (EMA of its z-score beyond ``shift_z``),

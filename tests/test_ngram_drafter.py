@@ -186,3 +186,29 @@ def test_toy_greedy_loop_is_lossless_and_accepts(native):
         steps += 1
     assert tokens[:len(ref)] == ref
     assert (len(tokens) - len(prompt)) / steps > 2.0  # the toy text cycles: lookup pays off
+
+
+def test_verify_result_topk_is_computed_once_and_shared():
+    """MergedDrafter asks for its drafters' largest k first; the others slice it."""
+    from specdec.drafters.merged import MergedDrafter
+    from specdec.drafters.recycling import RecyclingDrafter
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g)
+    tree = TokenTree(torch.tensor([3, 4, 5]), torch.tensor([-1, 0, 1]))
+    res = VerifyResult(tree, [0], torch.tensor([3, 9]), torch.tensor([1, 2, 3, 9]), logits)
+    full = res.target_topk(8)
+    assert torch.equal(full, logits.topk(8, -1).indices)
+    cached = res._topk
+    assert torch.equal(res.target_topk(4), full[:, :4]) and res._topk is cached  # sliced, not recomputed
+    assert torch.equal(res.target_topk_host(4), full[:, :4].cpu())
+    merged = MergedDrafter([NgramDrafter(), RecyclingDrafter(vocab_size=50)])
+    calls = []
+    real_topk = torch.Tensor.topk
+    res2 = VerifyResult(tree, [0], torch.tensor([3, 9]), torch.tensor([1, 2, 3, 9]), logits)
+    merged.reset(torch.tensor([1, 2, 3]))
+    try:
+        torch.Tensor.topk = lambda self, *a, **kw: calls.append(a) or real_topk(self, *a, **kw)
+        merged.update(res2)
+    finally:
+        torch.Tensor.topk = real_topk
+    assert len(calls) == 1 and calls[0][0] == 8  # one topk, at recycling's k = 8 > ngram's 4

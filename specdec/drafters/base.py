@@ -1,7 +1,7 @@
 """The Drafter protocol: ``propose`` a TokenTree, ``update`` after verification."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -30,6 +30,27 @@ class VerifyResult:
     tokens: torch.Tensor  # [T'] every committed token after this step
     # [n + 1, vocab] raw target logits: row 0 at the root, row i + 1 at node i.
     target_logits: torch.Tensor | None = None
+    _topk: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    _topk_host: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def target_topk(self, k: int) -> torch.Tensor:
+        """[n + 1, min(k, vocab)] ids of the target's top-k at every row, best first, on the
+        logits' device. One ``topk`` per step, shared by the drafters that ask (the first
+        ask should be the largest k: ``MergedDrafter`` asks for its drafters' maximum)."""
+        if self.target_logits is None:
+            raise ValueError("VerifyResult.target_topk: no target logits in this result")
+        k = min(int(k), self.target_logits.shape[-1])
+        if self._topk is None or self._topk.shape[-1] < k:
+            self._topk = self.target_logits.topk(k, dim=-1).indices
+            self._topk_host = None
+        return self._topk[:, :k]
+
+    def target_topk_host(self, k: int) -> torch.Tensor:
+        """``target_topk(k)`` in host memory: one transfer per step (of every column computed)."""
+        ids = self.target_topk(k)
+        if self._topk_host is None:
+            self._topk_host = self._topk.cpu()
+        return self._topk_host[:, :ids.shape[-1]]
 
 
 @runtime_checkable

@@ -41,5 +41,8 @@ class MergedDrafter:
         return merge([t.to("cpu") for t in trees], max_nodes=request.budget.max_nodes)
 
     def update(self, result: VerifyResult) -> None:
+        want = max((getattr(d, "target_topk_wanted", 0) for d in self.drafters), default=0)
+        if want and result.target_logits is not None:
+            result.target_topk(want)  # one topk at the largest k, shared by the drafters
         for d in self.drafters:
             d.update(result)

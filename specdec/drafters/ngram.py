@@ -79,13 +79,17 @@ class NgramDrafter:
         tree = result.tree
         nodes = range(len(tree)) if self.topk_all_nodes else result.accepted_nodes
         rows = [0] + [i + 1 for i in nodes]  # logits row of the root, then of each node
-        k = min(self.topk, logits.shape[-1])
-        top = logits[rows].topk(k, dim=-1).indices.tolist()  # [len(rows), k], best first
+        top = result.target_topk_host(self.topk)[rows].tolist()  # [len(rows), k], best first
         base = tokens[max(0, old_len - self.max_order):old_len].tolist()
         drafted = tree.tokens.tolist()
         for row, nxt in zip(rows, top):
             path = [] if row == 0 else [drafted[j] for j in tree.path_to(row - 1)]
             self.index.insert_next((base + path)[-self.max_order:], nxt)
+
+    @property
+    def target_topk_wanted(self) -> int:
+        """The k of the target's top-k that ``update`` reads (0: none)."""
+        return self.topk if self.use_target_topk else 0
 
     # -------------------------------------------------------------- helpers
     def _sync(self, tokens: torch.Tensor) -> None:

@@ -161,8 +161,13 @@ def _vocab_and_device(target):
 class RecyclingDrafter:
     """Drafter protocol (reset / propose / update) over a recycled adjacency matrix.
 
-    target:              the target HF model (gives vocab size and device), or pass
-    vocab_size / device: directly.
+    target:              the target HF model (gives the vocab size), or pass vocab_size.
+    device:              where the matrix lives: the host by default, for a GPU target
+                         too (a step's work on it is one gather per tree level and one
+                         scatter of n + 1 rows: cheaper in numpy than as a dozen GPU
+                         launches and a sync; the target's top-k ids come over in one
+                         transfer, shared with the n-gram pool). ``device="cuda"`` keeps
+                         it on the GPU (expansion by torch gathers, update by the CUDA op).
     template:            TreeTemplate, list of rank paths (Medusa choices), or list of
                          child counts per depth; default ``TreeTemplate.best_first(80, k=k)``.
     k:                   candidates kept per token (>= the template's largest rank + 1).
@@ -176,9 +181,8 @@ class RecyclingDrafter:
                  k: int | None = None, keep_across_prompts: bool = False, seed_prompt: bool = True,
                  accepted_last: bool = False):
         if target is not None:
-            tv, td = _vocab_and_device(target)
+            tv, _ = _vocab_and_device(target)
             vocab_size = vocab_size or tv
-            device = device if device is not None else td
         if vocab_size is None:
             raise ValueError("RecyclingDrafter needs target= or vocab_size=")
         self.template = TreeTemplate.best_first(k=k or 8) if template is None else TreeTemplate.coerce(template)
@@ -230,7 +234,12 @@ class RecyclingDrafter:
         root_at = result.tokens.numel() - result.committed.numel() - 1
         node_tokens = torch.cat([result.tokens[root_at:root_at + 1].to(self.device),
                                  tree.tokens.to(self.device)])  # [n + 1]
-        topk = self._topk(logits)  # [n + 1, k]
+        if logits.shape[-1] > self.vocab_size:  # ids past the matrix's rows must not be recorded
+            topk = self._topk(logits)  # [n + 1, k]
+        elif self.device.type == "cpu":  # the step's shared top-k (one per step, one transfer)
+            topk = self._pad(result.target_topk_host(self.k))
+        else:
+            topk = self._pad(result.target_topk(self.k).to(self.device))
         if self.accepted_last:
             rows = [0] + [i + 1 for i in result.accepted_nodes]
             rest = sorted(set(range(len(tree) + 1)) - set(rows))
@@ -266,11 +275,19 @@ class RecyclingDrafter:
         """tokens [T], logits [T, vocab] (row t = the target after tokens[t]): recycle a prefill."""
         recycling_update(self.adj, tokens.to(self.device).long(), self._topk(logits))
 
+    @property
+    def target_topk_wanted(self) -> int:
+        """The k of the target's top-k that ``update`` reads."""
+        return self.k
+
     def _topk(self, logits: torch.Tensor) -> torch.Tensor:
         """[m, vocab] -> [m, k] top-k ids, padded with SENTINEL when vocab < k."""
         logits = logits[..., :self.vocab_size]
-        k = min(self.k, logits.shape[-1])
-        ids = logits.topk(k, dim=-1).indices.to(self.device)
+        return self._pad(logits.topk(min(self.k, logits.shape[-1]), dim=-1).indices.to(self.device))
+
+    def _pad(self, ids: torch.Tensor) -> torch.Tensor:
+        """[m, k'] ids -> [m, k], padded with SENTINEL when k' < k (a vocabulary smaller than k)."""
+        k = ids.shape[-1]
         if k < self.k:
             pad = torch.full((ids.shape[0], self.k - k), SENTINEL, dtype=ids.dtype, device=ids.device)
             ids = torch.cat([ids, pad], dim=-1)

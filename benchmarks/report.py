@@ -279,11 +279,20 @@ def write_all(results: dict, where: tuple[Path, str], *, plots: bool = True,
               reference: str = "hf_greedy", plain: str = "specdec_none") -> list[str]:
     folder, stem = where
     folder.mkdir(parents=True, exist_ok=True)
+    files = [str(folder / f"{stem}.json"), str(folder / f"{stem}.md")]
+
+    def write(pngs):
+        results["out_files"] = files + [str(folder / p) for p in pngs]
+        (folder / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+        (folder / f"{stem}.md").write_text(markdown(results, pngs, reference=reference, plain=plain))
+
+    # the numbers first: a plot that fails or is interrupted (the first matplotlib import
+    # on a fresh machine builds its font cache) must not lose them
+    write([])
     pngs = plot(results, folder, stem, reference=reference) if plots else []
-    files = [str(folder / f"{stem}.json"), str(folder / f"{stem}.md")] + [str(folder / p) for p in pngs]
-    results["out_files"] = files
-    (folder / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    (folder / f"{stem}.md").write_text(markdown(results, pngs, reference=reference, plain=plain))
+    if pngs:
+        write(pngs)
+    files = list(results["out_files"])
     files.append(str(write_latest(folder, f"{stem}.md", results, reference)))
     return files
 

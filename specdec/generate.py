@@ -160,7 +160,7 @@ def _check_drafter(drafter, runner) -> None:
     if dv is not None and dv != runner.vocab_size:
         raise ValueError(f"draft and target vocabularies differ: drafter has {dv} logits, target "
                          f"{runner.vocab_size}. The draft model must share the target's tokenizer.")
-    dd = getattr(drafter, "device", None)
+    dd = getattr(drafter, "draft_device", None)  # a draft model's device (not e.g. a host-side table's)
     if dd is not None and torch.device(dd) != torch.device(runner.device):
         raise ValueError(f"draft model is on {dd} but the target is on {runner.device}; "
                          "move both to the same device")

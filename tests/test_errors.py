@@ -92,3 +92,23 @@ def test_a_single_nan_anywhere_is_caught():
             accept_greedy(tree, logits)
     clean = torch.randn(4, 96, generator=torch.Generator().manual_seed(1))
     assert accept_greedy(tree, clean).bonus_token == int(clean[0].argmax())
+
+
+def test_device_check_is_about_draft_models_only():
+    """A drafter's host-side table (the recycling matrix) may live elsewhere than the
+    target; a draft model may not."""
+    from types import SimpleNamespace
+
+    from specdec.drafters.merged import MergedDrafter
+    from specdec.drafters.ngram import NgramDrafter
+    from specdec.drafters.recycling import RecyclingDrafter
+    from specdec.generate import _check_drafter
+
+    runner = SimpleNamespace(vocab_size=64, device=torch.device("meta"))  # "the GPU"
+    _check_drafter(RecyclingDrafter(vocab_size=64), runner)  # matrix in host memory: fine
+    _check_drafter(MergedDrafter([NgramDrafter(), RecyclingDrafter(vocab_size=64)]), runner)
+    model_like = SimpleNamespace(vocab_size=64, device=torch.device("cpu"), draft_device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="same device"):
+        _check_drafter(model_like, runner)
+    with pytest.raises(ValueError, match="same device"):
+        _check_drafter(MergedDrafter([NgramDrafter(), model_like]), runner)

@@ -27,6 +27,10 @@ class MergedDrafter:
         self.vocab_size = sizes.pop() if sizes else None
         devices = {str(getattr(d, "device", None)) for d in self.drafters} - {"None"}
         self.device = torch.device(devices.pop()) if len(devices) == 1 else None
+        model_devices = {str(getattr(d, "draft_device", None)) for d in self.drafters} - {"None"}
+        if len(model_devices) > 1:
+            raise ValueError(f"merged drafters' draft models are on different devices: {sorted(model_devices)}")
+        self.draft_device = torch.device(model_devices.pop()) if model_devices else None
 
     def reset(self, prompt: torch.Tensor) -> None:
         for d in self.drafters:

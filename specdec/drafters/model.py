@@ -42,6 +42,7 @@ class ModelDrafter:
         self.width = width or topk * 2
         self.vocab_size = self.runner.vocab_size
         self.device = self.runner.device
+        self.draft_device = self.device  # checked against the target's by generate
         self._fed: list[int] = []  # tokens whose K/V the cache holds, in order
 
     def reset(self, prompt: torch.Tensor) -> None:

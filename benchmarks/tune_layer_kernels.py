@@ -199,6 +199,40 @@ def tune_gemv(args) -> list[dict]:
     return out
 
 
+def evaluate_heuristic(path: str, sm_count: int = 132) -> dict:
+    """Replay a saved attention tuning (JSON of ``tune_attention``) against the launch
+    heuristic in kernels/tree_attention.py: per case, the time of the config and split
+    count it picks over the best candidate's. Runs anywhere (no GPU): the heuristic is
+    asked as if on a GPU with ``sm_count`` SMs."""
+    from specdec.kernels import tree_attention as tk
+
+    cases = json.loads(Path(path).read_text())["attention"]
+    real_info, dev = tk._device_info, torch.device("cuda")
+    tk._device_info = lambda device: (sm_count, 227 * 1024)
+    ratios, rows_out = [], []
+    try:
+        for c in cases:
+            hq, hkv, d, _ = SHAPES[c["shape"]]
+            rows = c["n"] * hq // hkv
+            s = tk.default_num_splits(rows, hkv, c["L"], d, dev)
+            cfg = tk.block_config(rows, d, 2, dev, c["L"], s)
+            s = max(x for x in (1, 2, 4, 8, 16, 32) if x <= min(s, max(1, c["L"] // 16)))  # as measured
+            key = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_stages"], s)
+            got = next((t["us"] for t in c["timings"] if (t["BLOCK_M"], t["BLOCK_N"], t["num_stages"],
+                                                             t["splits"]) == key), None)
+            if got is None:
+                continue
+            ratios.append(got / c["best"]["us"])
+            rows_out.append({"shape": c["shape"], "L": c["L"], "n": c["n"], "pick": key, "us": got,
+                             "best_us": c["best"]["us"], "old_auto_us": c["auto_us"]})
+    finally:
+        tk._device_info = real_info
+    geo = math.exp(sum(map(math.log, ratios)) / len(ratios))
+    old = [r["old_auto_us"] / r["best_us"] for r in rows_out]
+    return {"cases": len(ratios), "geomean_vs_best": geo, "worst_vs_best": max(ratios),
+            "tuned_run_auto_geomean_vs_best": math.exp(sum(map(math.log, old)) / len(old)), "rows": rows_out}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -209,7 +243,17 @@ def main(argv=None) -> int:
     p.add_argument("--skip", choices=["attention", "linear", "gemv"], nargs="*", default=[])
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--tag", default="")
+    p.add_argument("--evaluate", metavar="JSON", help="no GPU needed: score the current attention heuristic "
+                   "against a saved tuning run and exit")
     args = p.parse_args(argv)
+    if args.evaluate:
+        ev = evaluate_heuristic(args.evaluate)
+        for r in ev["rows"]:
+            print(f"{r['shape']:9s} L={r['L']:5d} n={r['n']:3d} pick {r['pick']}: {r['us']:6.1f} us, "
+                  f"best {r['best_us']:6.1f}, heuristic at tuning time {r['old_auto_us']:6.1f}")
+        print(f"{ev['cases']} cases: heuristic now {ev['geomean_vs_best']:.2f}x the best (geomean; worst "
+              f"{ev['worst_vs_best']:.2f}x); the heuristic of the tuning run {ev['tuned_run_auto_geomean_vs_best']:.2f}x")
+        return 0
     if not torch.cuda.is_available():
         print("tune_layer_kernels: needs a CUDA GPU", file=sys.stderr)
         return 2

@@ -308,14 +308,17 @@ class BudgetController:
 
     def observe(self, key: str, tree_size: int, accepted: int, draft_time: float, verify_time: float, *,
                 tree: TokenTree | None = None, accepted_nodes: Sequence[int] | None = None,
-                budget: TreeBudget | None = None, depth: int | None = None) -> None:
+                budget: TreeBudget | None = None, depth: int | None = None, timed: bool = True) -> None:
         """Record one step. ``budget``: the budget the drafter was given (default: the
         last choice); with ``tree`` and ``accepted_nodes`` every arm the step reveals is
-        updated (smaller ones by truncation) and the calibrators learn."""
+        updated (smaller ones by truncation) and the calibrators learn. ``timed=False``:
+        the step's times are not samples of a step's cost (it captured a CUDA graph, or
+        measured a kernel choice): the acceptance is learned, the times are not."""
         st = self._state(key)
         st.steps += 1
         step = float(draft_time) + float(verify_time)
-        st.step_cost = step if st.step_cost is None else 0.9 * st.step_cost + 0.1 * step
+        if timed:
+            st.step_cost = step if st.step_cost is None else 0.9 * st.step_cost + 0.1 * step
         if st.steps > self.warmup and st.since_observe + 1 < st.stride:
             st.since_observe += 1
             return
@@ -351,10 +354,11 @@ class BudgetController:
             st.ctx = min(int(accepted), self.context_levels - 1)
         if self.latency is None:
             self.latency = LatencyModel()
-        self.latency.observe(tree_size, verify_time)
-        x = np.array([1.0, depth, tree_size / 16.0])
-        st.XtX += np.outer(x, x)
-        st.Xty += x * float(draft_time) / self._load()  # draft times in load-free seconds, like the curve
+        if timed:
+            self.latency.observe(tree_size, verify_time)
+            x = np.array([1.0, depth, tree_size / 16.0])
+            st.XtX += np.outer(x, x)
+            st.Xty += x * float(draft_time) / self._load()  # draft times in load-free seconds, like the curve
         self._update_stride(st, st.choose_cost + time.perf_counter() - t0)
 
     def _update_stride(self, st: _Stats, cost: float) -> None:

@@ -261,6 +261,7 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
         n = len(tree)
         inp = torch.cat([torch.tensor([tokens[-1]]), tree.tokens.cpu()]).to(device)
         pos = (L + torch.cat([torch.zeros(1, dtype=torch.long), tree.depth.cpu()])).to(device)
+        captures = getattr(runner, "captures", 0)  # a step that captures a CUDA graph is no timing sample
         logits = runner.forward(inp, pos, tree_mask=mask_r.to(device))[:, :runner.vocab_size]  # [n+1, V]
         counts = context_counts(base_counts, tree.to(device)) if sp.has_penalties else None
         processed = process(logits, sp, counts, check_nan=False)  # NaNs: checked in accept_*
@@ -298,7 +299,8 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
             # that is no detail: in an H200 bf16 sweep steps took ~1 ms more than draft + verify.
             other = time.perf_counter() - t_step - (t2 - t1)
             controller.observe(key, n, len(acc.accepted_nodes), other, t2 - t1, tree=tree,
-                               accepted_nodes=acc.accepted_nodes, budget=arm_budget)
+                               accepted_nodes=acc.accepted_nodes, budget=arm_budget,
+                               timed=getattr(runner, "captures", 0) == captures)
             stats.control_time_s += time.perf_counter() - t4
     if streamer is not None:
         streamer.end()

@@ -67,6 +67,9 @@ def latency_key(model, runner=None) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", raw).strip("-")
 
 
+OUTLIER_CAP = 4.0  # an observation counts as at most this many times the predicted time
+
+
 class LatencyModel:
     """Verify latency (seconds) of a tree of ``n`` drafted nodes (the forward runs n + 1
     tokens): ``scale * shape(n)``, the shape piecewise-linear between grid sizes with
@@ -188,6 +191,8 @@ class LatencyModel:
         known = all(self.times[j] == self.times[j] for j, _ in brackets)
         t_first = min(t / self.scale, self._growth_cap(n)) if not known else None
         shape = self.shape(n) if known else 0.0  # (the scale does not change the shape)
+        if known and shape > 0:  # one observation moves the curve a bounded amount: a step that
+            t = min(t, OUTLIER_CAP * self.scale * shape)  # compiled or captured something is no sample
         if known and t > 0:
             self.scale *= math.exp(self.scale_lr * (math.log(t / shape) - math.log(self.scale)))
         t = t / self.scale

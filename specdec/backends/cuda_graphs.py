@@ -106,6 +106,7 @@ class GraphedCompactRunner:
         self.clone_outputs = clone_outputs
         self.warmup = max(1, int(warmup))
         self.verify_capture = verify_capture
+        self.captures = 0  # graphs captured so far: a forward that captured took far longer than a replay
         self.disabled_reason: str | None = None
         self.eager_calls: Counter[str] = Counter()  # why calls went to the eager runner
         self._buckets: dict[int, _Bucket] = {}
@@ -261,6 +262,7 @@ class GraphedCompactRunner:
         return st.out
 
     def _capture(self, st: _Bucket) -> None:
+        self.captures += 1
         dev = self.device
         torch.cuda.synchronize(dev)  # surface earlier asynchronous errors here, not in the capture
         side = torch.cuda.Stream(dev)

@@ -226,7 +226,8 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
         streamer.put(prompt[None].cpu())
     if len(tokens) > 1:  # the last prompt token is the first root: it runs with the first tree
         t0 = time.perf_counter()
-        runner.forward(prompt[:-1].to(device), torch.arange(len(tokens) - 1, device=device))
+        fill = getattr(runner, "prefill", None) or runner.forward  # (the prompt's logits are not needed)
+        fill(prompt[:-1].to(device), torch.arange(len(tokens) - 1, device=device))
         stats.prefill_time_s = time.perf_counter() - t0
     base_counts = torch.bincount(prompt, minlength=runner.vocab_size).float().to(device) \
         if sp.has_penalties else None

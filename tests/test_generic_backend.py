@@ -46,3 +46,30 @@ def test_padding_choice_is_measured_once_and_can_be_pinned(monkeypatch):
     assert generic._cpu_rows_to_pad(w) == {2, 3}
     monkeypatch.setattr(generic, "CPU_PAD_TO", 1)
     assert generic._cpu_rows_to_pad(w) == frozenset()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "gpt2"])
+def test_prefill_and_unmasked_causal_steps_equal_the_explicit_mask(family, monkeypatch):
+    """``prefill`` (no logits, no explicit mask) and one-token steps without a mask leave
+    the same cache and give the same logits as the explicit-mask forward."""
+    model = tiny_model(family, layers=2)
+    ids = torch.randint(0, 96, (16,), generator=torch.Generator().manual_seed(1))
+
+    def run(explicit):
+        if explicit:
+            monkeypatch.setattr(HFRunner, "_plain_causal", lambda *a, **k: False)
+        r = HFRunner(model)
+        r.prefill(ids[:10], torch.arange(10))
+        steps = [r.forward(ids[10 + i:11 + i], torch.tensor([10 + i]), tree_mask=torch.ones(1, 1, dtype=torch.bool))
+                 for i in range(3)]
+        tree = r.forward(ids[13:16], torch.tensor([13, 14, 14]),
+                         tree_mask=torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool))
+        monkeypatch.undo()
+        return r, steps, tree
+
+    (r1, s1, t1), (r2, s2, t2) = run(False), run(True)
+    assert r1.length == r2.length == 16 and r1.key_pos.tolist() == r2.key_pos.tolist()
+    for a, b in zip(s1 + [t1], s2 + [t2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for la, lb in zip(r1.cache.layers, r2.cache.layers):
+        torch.testing.assert_close(la.keys, lb.keys, rtol=1e-5, atol=1e-5)

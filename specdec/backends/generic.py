@@ -96,7 +96,9 @@ class HFRunner:
         self.key_pos = torch.zeros(0, dtype=torch.long, device=self.device)  # [length] position of each entry
         # transformers renamed the forward's ``past_key_values`` to ``cache`` (the old name is
         # deprecated from 5.2x and goes in 5.40): pass whichever this model's forward takes.
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._keep_kwarg = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
 
     @property
     def length(self) -> int:
@@ -132,9 +134,15 @@ class HFRunner:
         if self.device.type == "cpu" and m in (2, 3) and m in self._rows_to_pad():
             return self._padded_forward(input_ids, position_ids, tree_mask, mask_start)
         position_ids = position_ids.to(self.device)
-        full = self._mask(m, position_ids, tree_mask, mask_start, self._global_window)
-        attn = full
-        if self._mask_dict:
+        if self._plain_causal(m, tree_mask, mask_start, length):
+            # a causal extension of the cache (prefill, one-token steps): no explicit mask, so
+            # transformers' SDPA path can take its unmasked / is_causal kernels (SmolLM2 fp32 on
+            # a 2-core Xeon: a one-token step after a 40-token prompt 67.8 -> 64.1 ms)
+            attn = None
+        else:
+            attn = self._mask(m, position_ids, tree_mask, mask_start, self._global_window)
+        if attn is not None and self._mask_dict:
+            full = attn
             sliding = full if self.window is None else self._mask(m, position_ids, tree_mask, mask_start, self.window)
             attn = {"full_attention": full, "sliding_attention": sliding}
         out = self.model(input_ids=input_ids.to(self.device)[None], position_ids=position_ids[None],
@@ -142,6 +150,29 @@ class HFRunner:
                          cache_position=torch.arange(length, length + m, device=self.device))
         self.key_pos = torch.cat([self.key_pos, position_ids])
         return out.logits[0].float()  # [m, vocab]
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> None:
+        """Append a causal run of tokens to the cache without computing their logits (a
+        prompt's logits go unused; SmolLM2 fp32 on a 2-core Xeon, 738-token prompt: 2.78 ->
+        2.14 s with the causal path above)."""
+        if not self._plain_causal(input_ids.numel(), None, self.length, self.length) or not self._keep_kwarg:
+            self.forward(input_ids, position_ids)
+            return
+        length, m = self.length, input_ids.numel()
+        position_ids = position_ids.to(self.device)
+        self.model(input_ids=input_ids.to(self.device)[None], position_ids=position_ids[None], attention_mask=None,
+                   **{self._cache_kwarg: self.cache, self._keep_kwarg: 1}, use_cache=True,
+                   cache_position=torch.arange(length, length + m, device=self.device))
+        self.key_pos = torch.cat([self.key_pos, position_ids])
+
+    def _plain_causal(self, m: int, tree_mask, mask_start: int, length: int) -> bool:
+        """Whether this forward's mask is plain causal attention over the whole cache."""
+        if self._mask_dict or self._global_window is not None or mask_start != length:
+            return False
+        if tree_mask is None:
+            return True
+        return m == 1 and bool(tree_mask.reshape(-1)[-1])  # one token that sees itself
 
     def _rows_to_pad(self) -> frozenset:
         head = self.model.get_output_embeddings()

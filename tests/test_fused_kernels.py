@@ -19,13 +19,6 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
-@pytest.fixture
-def fused(triton_kernels):
-    """Fused kernels on: CUDA, or the Triton interpreter on CPU tensors; skip without Triton."""
-    with backend.override(fused=True):
-        yield
-
-
 def _close(got, want, dtype):
     tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)

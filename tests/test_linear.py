@@ -6,17 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from specdec.ops import backend
 from specdec.ops import linear as linear_ops
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-
-
-@pytest.fixture
-def fused(triton_kernels):
-    with backend.override(fused=True):
-        yield
 
 
 @pytest.mark.parametrize("n,k", [(1, 1), (7, 33), (33, 600), (130, 1030)])

@@ -227,6 +227,12 @@ class BudgetController:
                 sample is unbiased) and keeps its last choice in between. On a CPU (steps of
                 ~100 ms) k = 1; on an H200 (steps of 2-3 ms, ~0.3 ms of controller) k ~ 4.
                 0 = every step.
+    measure_latency: when no cached verify-latency curve exists for the model and device,
+                "cuda" (default) measures one on a GPU before the first step (in an H200
+                run that learned it online, where the first use of each CUDA-graph bucket
+                is a capture, the controller kept trees at 0.8 nodes on average end to end;
+                with a measured curve it chose 64-node trees in a sweep of the same code);
+                "always" also on a CPU (seconds for a real model), "never" learns online.
     context_levels: condition each choice on the previous step's accepted count, capped at
                 ``context_levels - 1`` (acceptance comes in runs: after a long accept a big
                 tree pays more often than after a miss). Each context keeps its own arm
@@ -239,7 +245,8 @@ class BudgetController:
                  discount: float = 0.99, explore: float = 0.3, warmup: int = 8, ridge: float = 1e-3,
                  min_depth: int = 1, shift_z: float = 1.0, shift_keep: float = 0.05, probe_every: int = 8,
                  probe_cost: float = 0.02, context_levels: int = 0, context_prior: float = 4.0,
-                 split_empty: bool = True, max_control_share: float = 0.03, max_stride: int = 8):
+                 split_empty: bool = True, max_control_share: float = 0.03, max_stride: int = 8,
+                 measure_latency: str = "cuda"):
         arms = list(arms) if arms is not None else [TreeBudget(n, min(n, max_depth)) for n in grid]
         if not arms:
             raise ValueError("BudgetController needs at least one arm")
@@ -254,6 +261,9 @@ class BudgetController:
         self.context_levels, self.context_prior = int(context_levels), float(context_prior)
         self.split_empty = bool(split_empty)
         self.max_control_share, self.max_stride = float(max_control_share), max(1, int(max_stride))
+        if measure_latency not in ("cuda", "always", "never"):
+            raise ValueError(f"measure_latency must be 'cuda', 'always' or 'never', got {measure_latency!r}")
+        self.measure_latency = measure_latency
         self._stats: dict[str, _Stats] = {}
 
     @property
@@ -262,10 +272,17 @@ class BudgetController:
 
     def attach(self, runner, model=None) -> None:
         """Give the controller a latency curve for ``runner``: the cached one if any was
-        measured (``LatencyModel.for_runner`` measures), else an online one."""
+        measured; else, where ``measure_latency`` says so, measured now and cached (a few
+        verify forwards per tree size: on a GPU about a second, graph captures included);
+        else one learned online."""
         if self.latency is None:
             key = latency_key(model if model is not None else runner, runner)
-            self.latency = LatencyModel.cached(key) or LatencyModel(key=key)
+            lm = LatencyModel.cached(key)
+            device = torch.device(getattr(runner, "device", "cpu"))
+            if lm is None and (self.measure_latency == "always"
+                               or (self.measure_latency == "cuda" and device.type == "cuda")):
+                lm = LatencyModel.for_runner(runner, model=model, key=key)
+            self.latency = lm or LatencyModel(key=key)
 
     def _state(self, key: str) -> _Stats:
         if key not in self._stats:

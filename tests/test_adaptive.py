@@ -579,3 +579,28 @@ def test_sweep_adaptive_smoke(tmp_path, monkeypatch):
     md = js.with_suffix(".md").read_text()
     assert "adaptive / best" in md and "| humaneval | adaptive-ctx3 |" in md
     assert list((tmp_path / "cache" / "latency").glob("*.json"))
+
+
+def test_attach_measures_the_curve_once_where_asked(tmp_path, monkeypatch):
+    """No cached curve: "always" measures (and caches) one at attach, the next controller
+    loads it; "never" and the default on a CPU learn online."""
+    from conftest import tiny_model
+    from specdec.backends.generic import HFRunner
+
+    monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path))
+    model = tiny_model("llama")
+    runner = HFRunner(model)
+    for mode in ("never", "cuda"):  # (the default, on a CPU)
+        ctl = BudgetController(measure_latency=mode)
+        ctl.attach(runner, model)
+        assert ctl.latency.empty
+    ctl = BudgetController(measure_latency="always")
+    ctl.attach(runner, model)
+    assert not ctl.latency.empty and list(tmp_path.rglob("*.json"))
+    calls = []
+    monkeypatch.setattr(LatencyModel, "measure", classmethod(lambda cls, *a, **k: calls.append(1)))
+    again = BudgetController(measure_latency="always")
+    again.attach(runner, model)
+    assert not calls and again.latency.times == ctl.latency.times
+    with pytest.raises(ValueError, match="measure_latency"):
+        BudgetController(measure_latency="sometimes")

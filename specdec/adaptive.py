@@ -227,6 +227,10 @@ class BudgetController:
                 sample is unbiased) and keeps its last choice in between. On a CPU (steps of
                 ~100 ms) k = 1; on an H200 (steps of 2-3 ms, ~0.3 ms of controller) k ~ 4.
                 0 = every step.
+    length_bands: keep the arm statistics per band of sequence lengths (< 256, < 1024,
+                < 4096 tokens, ...; ``generate`` reports the length each step): a step over a
+                700-token context costs and accepts differently from one over 100, and
+                prompts of both kinds interleave (calibrators stay shared).
     measure_latency: when no cached verify-latency curve exists for the model and device,
                 "cuda" (default) measures one on a GPU before the first step (in an H200
                 run that learned it online, where the first use of each CUDA-graph bucket
@@ -246,7 +250,7 @@ class BudgetController:
                  min_depth: int = 1, shift_z: float = 1.0, shift_keep: float = 0.05, probe_every: int = 8,
                  probe_cost: float = 0.02, context_levels: int = 0, context_prior: float = 4.0,
                  split_empty: bool = True, max_control_share: float = 0.03, max_stride: int = 8,
-                 measure_latency: str = "cuda"):
+                 measure_latency: str = "cuda", length_bands: bool = True):
         arms = list(arms) if arms is not None else [TreeBudget(n, min(n, max_depth)) for n in grid]
         if not arms:
             raise ValueError("BudgetController needs at least one arm")
@@ -264,6 +268,8 @@ class BudgetController:
         if measure_latency not in ("cuda", "always", "never"):
             raise ValueError(f"measure_latency must be 'cuda', 'always' or 'never', got {measure_latency!r}")
         self.measure_latency = measure_latency
+        self.length_bands = bool(length_bands)
+        self._band: int | None = None
         self._stats: dict[str, _Stats] = {}
 
     @property
@@ -284,6 +290,14 @@ class BudgetController:
                 lm = LatencyModel.for_runner(runner, model=model, key=key)
             self.latency = lm or LatencyModel(key=key)
 
+    def set_sequence_length(self, n: int) -> None:
+        """The sequence length of the steps to come: with ``length_bands`` the arm
+        statistics are kept per band of lengths (< 256, < 1024, < 4096, ... tokens)."""
+        self._band = max(0, (int(n).bit_length() - 7) // 2) if self.length_bands else None
+
+    def _arms_key(self, key: str) -> str:
+        return key if self._band is None else f"{key}|len{self._band}"
+
     def _state(self, key: str) -> _Stats:
         if key not in self._stats:
             self._stats[key] = _Stats(len(self.arms))
@@ -297,7 +311,7 @@ class BudgetController:
 
     # -- the per-step decision
     def choose(self, key: str = "default") -> TreeBudget:
-        st = self._state(key)
+        st = self._state(self._arms_key(key))
         if st.last is not None and st.steps >= self.warmup and st.since_choice + 1 < st.stride:
             st.since_choice += 1
             return st.last
@@ -331,7 +345,7 @@ class BudgetController:
         updated (smaller ones by truncation) and the calibrators learn. ``timed=False``:
         the step's times are not samples of a step's cost (it captured a CUDA graph, or
         measured a kernel choice): the acceptance is learned, the times are not."""
-        st = self._state(key)
+        st = self._state(self._arms_key(key))
         st.steps += 1
         step = float(draft_time) + float(verify_time)
         if timed:
@@ -355,7 +369,7 @@ class BudgetController:
             for s in revealed:
                 self._observe_tree(s, tree, list(accepted_nodes), eff)
             depth = max(tree.depth_list, default=0)
-            for kind, cal in st.calibrators.items():  # only those a drafter asked for (they cost time)
+            for kind, cal in self._state(key).calibrators.items():  # those a drafter asked for (they cost time)
                 feats = node_features(tree, kind)
                 if feats is not None:
                     cal.observe(tree, accepted_nodes, feats)
@@ -493,7 +507,7 @@ class BudgetController:
 
     def expected_rates(self, key: str) -> dict[TreeBudget, float]:
         """Estimated committed tokens per second of every arm (no exploration bonus)."""
-        st = self._state(key)
+        st = self._state(self._arms_key(key))
         if st.steps == 0:
             return {}
         return dict(zip(self.arms, self._estimates(st, bonus=False)[0].tolist()))
@@ -505,7 +519,7 @@ class BudgetController:
     # -- stopping (SpecDec++) and dynamic trees
     def marginal_costs(self, key: str, size: int) -> tuple[float, float]:
         """(seconds of draft per extra level, seconds of verify per extra node at ``size``)."""
-        st = self._state(key)
+        st = self._state(self._arms_key(key))
         w = self._draft_weights(st) if st.steps else np.zeros(3)
         lat = self.latency or LatencyModel()
         return max(float(w[1]), 0.0) + max(float(w[2]), 0.0) / 16.0, max(lat.predict(size + 1) - lat.predict(size), 0.0)

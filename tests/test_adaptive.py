@@ -518,12 +518,12 @@ def test_adaptive_generate_is_lossless(kind):
         assert out.stats.control_time_s > 0.0 and out.stats.as_dict()["control_time_s"] == out.stats.control_time_s
         assert all(1 <= b <= 64 for b in out.stats.budgets[:-1])
     if kind in ("chain", "tree"):
-        assert ctl._stats["ModelDrafter"].steps == out.stats.steps  # the drafter's controller learned
+        assert ctl._state(ctl._arms_key("ModelDrafter")).steps == out.stats.steps  # the drafter's controller learned
         assert ctl.calibrator("ModelDrafter").n.sum() > 0
     if kind == "chain_shared":
         from specdec.adaptive import _SHARED
 
-        assert _SHARED[model]._stats["ModelDrafter"].steps == out.stats.steps
+        assert _SHARED[model]._state(_SHARED[model]._arms_key("ModelDrafter")).steps == out.stats.steps
 
 
 def test_fixed_budget_pins_and_sampling_still_runs():
@@ -546,7 +546,7 @@ def test_fixed_budget_pins_and_sampling_still_runs():
     ctl = BudgetController(warmup=1)  # an explicit controller adapts when sampling too
     s1 = specdec.generate(model, ids, drafter=specdec.ModelDrafter(draft, gamma=3, controller=ctl),
                           max_new_tokens=20, eos_token_id=None, do_sample=True, seed=7, adaptive=ctl)
-    assert s1.stats.new_tokens == 20 and ctl._stats["ModelDrafter"].steps == s1.stats.steps
+    assert s1.stats.new_tokens == 20 and ctl._state(ctl._arms_key("ModelDrafter")).steps == s1.stats.steps
 
 
 def test_sweep_adaptive_smoke(tmp_path, monkeypatch):
@@ -604,3 +604,21 @@ def test_attach_measures_the_curve_once_where_asked(tmp_path, monkeypatch):
     assert not calls and again.latency.times == ctl.latency.times
     with pytest.raises(ValueError, match="measure_latency"):
         BudgetController(measure_latency="sometimes")
+
+
+def test_length_bands_keep_separate_arm_statistics():
+    """Short and long sequences learn apart (a budget that pays over 100 tokens may not
+    over 700); the calibrators are shared; without bands one pool."""
+    sim = TreeSim(0.85, seed=3)
+    ctl = BudgetController(latency=_linear_latency(sim))
+    ctl.calibrator("sim", "prob")
+    for length, steps in ((100, 40), (700, 25)):
+        ctl.set_sequence_length(length)
+        _drive(ctl, sim, [(0.85, steps)])
+    assert ctl._state("sim|len0").steps == 40 and ctl._state("sim|len1").steps == 25
+    assert ctl._state("sim").steps == 0 and "prob" in ctl._state("sim").calibrators
+    pooled = BudgetController(latency=_linear_latency(sim), length_bands=False)
+    for length in (100, 700):
+        pooled.set_sequence_length(length)
+        _drive(pooled, sim, [(0.85, 10)])
+    assert pooled._state("sim").steps == 20

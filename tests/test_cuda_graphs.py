@@ -219,7 +219,7 @@ def test_budgets_fit_the_padded_buckets(monkeypatch):
     out = specdec.generate(static, ids, drafter=drafter, max_new_tokens=20, adaptive=ctl)
     assert torch.equal(out.sequences, want)
     assert out.stats.budgets[:3] == [7, 7, 7]  # warm-up plays the largest arm, 8 nodes -> 7 (bucket 8)
-    assert (ctl._stats[drafter_key(drafter)].S > 0).all()  # ... and that step counts for arm 8 too
+    assert (ctl._state(ctl._arms_key(drafter_key(drafter))).S > 0).all()  # ... and that step counts for arm 8 too
 
     sizes = []
     monkeypatch.setattr(LatencyModel, "measure", classmethod(  # record the grid instead of timing

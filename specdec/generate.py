@@ -240,7 +240,7 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
             warnings.warn(f"reached the model's context length {runner.max_length}; stopping early")
             break
         if controller is not None:
-            controller.set_sequence_length(len(tokens))  # (its statistics are kept per length band)
+            controller.set_sequence_length(len(tokens))  # (for length_bands)
         if choosing:
             t_choose = time.perf_counter()
             chosen = controller.choose(key)

@@ -610,14 +610,14 @@ def test_length_bands_keep_separate_arm_statistics():
     """Short and long sequences learn apart (a budget that pays over 100 tokens may not
     over 700); the calibrators are shared; without bands one pool."""
     sim = TreeSim(0.85, seed=3)
-    ctl = BudgetController(latency=_linear_latency(sim))
+    ctl = BudgetController(latency=_linear_latency(sim), length_bands=True)
     ctl.calibrator("sim", "prob")
     for length, steps in ((100, 40), (700, 25)):
         ctl.set_sequence_length(length)
         _drive(ctl, sim, [(0.85, steps)])
     assert ctl._state("sim|len0").steps == 40 and ctl._state("sim|len1").steps == 25
     assert ctl._state("sim").steps == 0 and "prob" in ctl._state("sim").calibrators
-    pooled = BudgetController(latency=_linear_latency(sim), length_bands=False)
+    pooled = BudgetController(latency=_linear_latency(sim))  # (the default: one pool)
     for length in (100, 700):
         pooled.set_sequence_length(length)
         _drive(pooled, sim, [(0.85, 10)])

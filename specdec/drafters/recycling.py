@@ -164,10 +164,12 @@ class RecyclingDrafter:
     target:              the target HF model (gives the vocab size), or pass vocab_size.
     device:              where the matrix lives: the host by default, for a GPU target
                          too (a step's work on it is one gather per tree level and one
-                         scatter of n + 1 rows: cheaper in numpy than as a dozen GPU
-                         launches and a sync; the target's top-k ids come over in one
-                         transfer, shared with the n-gram pool). ``device="cuda"`` keeps
-                         it on the GPU (expansion by torch gathers, update by the CUDA op).
+                         scatter of n + 1 rows, meant to be cheaper in numpy than as a
+                         dozen GPU launches and a sync -- not yet timed on a GPU; the
+                         target's top-k ids come over in one transfer, shared with the
+                         n-gram pool). ``device="cuda"`` keeps it on the GPU (expansion by
+                         torch gathers, update by the CUDA op; on an H200 that cost 0.64 ms
+                         of drafting + update a step, benchmarks/results/2026-12-01-h200-s3).
     template:            TreeTemplate, list of rank paths (Medusa choices), or list of
                          child counts per depth; default ``TreeTemplate.best_first(80, k=k)``.
     k:                   candidates kept per token (>= the template's largest rank + 1).

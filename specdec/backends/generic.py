@@ -134,22 +134,26 @@ class HFRunner:
         if self.device.type == "cpu" and m in (2, 3) and m in self._rows_to_pad():
             return self._padded_forward(input_ids, position_ids, tree_mask, mask_start)
         position_ids = position_ids.to(self.device)
-        if self._plain_causal(m, tree_mask, mask_start, length):
-            # a causal extension of the cache (prefill, one-token steps): no explicit mask, so
-            # transformers' SDPA path can take its unmasked / is_causal kernels (SmolLM2 fp32 on
-            # a 2-core Xeon: a one-token step after a 40-token prompt 67.8 -> 64.1 ms)
-            attn = None
-        else:
+        # A causal extension of the cache (prefill, one-token steps) gets no explicit mask, so
+        # transformers' SDPA path can take its unmasked / is_causal kernels (SmolLM2 fp32 on a
+        # 2-core Xeon: a one-token step after a 40-token prompt 67.8 -> 64.1 ms).
+        attn = None
+        if not self._plain_causal(m, tree_mask, mask_start, length):
             attn = self._mask(m, position_ids, tree_mask, mask_start, self._global_window)
-        if attn is not None and self._mask_dict:
-            full = attn
-            sliding = full if self.window is None else self._mask(m, position_ids, tree_mask, mask_start, self.window)
-            attn = {"full_attention": full, "sliding_attention": sliding}
+            if self._mask_dict:
+                sliding = attn if self.window is None else self._mask(m, position_ids, tree_mask, mask_start,
+                                                                      self.window)
+                attn = {"full_attention": attn, "sliding_attention": sliding}
+        return self._run(input_ids, position_ids, attn).logits[0].float()  # [m, vocab]
+
+    def _run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attn, **kw):
+        """The model over input_ids [m] at position_ids [m] (on the device), appended to the cache."""
+        length, m = self.length, input_ids.numel()
         out = self.model(input_ids=input_ids.to(self.device)[None], position_ids=position_ids[None],
                          attention_mask=attn, **{self._cache_kwarg: self.cache}, use_cache=True,
-                         cache_position=torch.arange(length, length + m, device=self.device))
+                         cache_position=torch.arange(length, length + m, device=self.device), **kw)
         self.key_pos = torch.cat([self.key_pos, position_ids])
-        return out.logits[0].float()  # [m, vocab]
+        return out
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> None:
@@ -158,13 +162,8 @@ class HFRunner:
         2.14 s with the causal path above)."""
         if not self._plain_causal(input_ids.numel(), None, self.length, self.length) or not self._keep_kwarg:
             self.forward(input_ids, position_ids)
-            return
-        length, m = self.length, input_ids.numel()
-        position_ids = position_ids.to(self.device)
-        self.model(input_ids=input_ids.to(self.device)[None], position_ids=position_ids[None], attention_mask=None,
-                   **{self._cache_kwarg: self.cache, self._keep_kwarg: 1}, use_cache=True,
-                   cache_position=torch.arange(length, length + m, device=self.device))
-        self.key_pos = torch.cat([self.key_pos, position_ids])
+        else:
+            self._run(input_ids, position_ids.to(self.device), None, **{self._keep_kwarg: 1})
 
     def _plain_causal(self, m: int, tree_mask, mask_start: int, length: int) -> bool:
         """Whether this forward's mask is plain causal attention over the whole cache."""

@@ -150,12 +150,11 @@ class TreeTemplate:
         return self._device_cache[device]
 
 
-def _vocab_and_device(target):
+def _vocab_size(target) -> int:
     emb = target.get_output_embeddings()
     cfg = target.config.get_text_config(decoder=True) if hasattr(target.config, "get_text_config") \
         else target.config
-    vocab = int(emb.weight.shape[0]) if emb is not None else int(cfg.vocab_size)
-    return vocab, next(target.parameters()).device
+    return int(emb.weight.shape[0]) if emb is not None else int(cfg.vocab_size)
 
 
 class RecyclingDrafter:
@@ -183,8 +182,7 @@ class RecyclingDrafter:
                  k: int | None = None, keep_across_prompts: bool = False, seed_prompt: bool = True,
                  accepted_last: bool = False):
         if target is not None:
-            tv, _ = _vocab_and_device(target)
-            vocab_size = vocab_size or tv
+            vocab_size = vocab_size or _vocab_size(target)
         if vocab_size is None:
             raise ValueError("RecyclingDrafter needs target= or vocab_size=")
         self.template = TreeTemplate.best_first(k=k or 8) if template is None else TreeTemplate.coerce(template)

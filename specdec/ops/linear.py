@@ -28,8 +28,7 @@ def _mode() -> str:
 
 
 def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return (x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
-            and weight.dtype == x.dtype and weight.stride(-1) == 1 and x.stride(-1) == 1
+    return (x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype and weight.stride(-1) == 1 and x.stride(-1) == 1
             and (bias is None or bias.is_contiguous()) and backend.use_fused(x.device))
 
 
@@ -55,6 +54,8 @@ def _measure(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 
 def _config_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple | None:
+    if x.dim() != 2 or x.shape[0] != 1:  # (every verify forward: decided before any other lookup)
+        return None
     mode = _mode()
     if mode == "0" or not _eligible(x, weight, bias):
         return None

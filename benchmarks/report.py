@@ -102,6 +102,18 @@ def length_stats(results: dict, reference: str) -> dict:
                 "output_tokens_mean": sum(b for _, b in v) / len(v)} for s, v in out.items()}
 
 
+def _parts(results: dict) -> list[str]:
+    """Bullets naming the parts of a merged run (benchmarks.merge) and what each measured."""
+    parts = results.get("parts") or []
+    if not parts:
+        return []
+    out = [f"- merged from {len(parts)} parts (each record's `part` says which):"]
+    for i, pt in enumerate(parts):
+        n = len({(r["subset"], r["id"]) for r in results["records"] if r.get("part") == i})
+        out.append(f"  - part {i}: {n} prompts, {pt['date']}, specdec {pt['specdec_commit']}: `{pt['command']}`")
+    return out
+
+
 def headline_table(results: dict, reference: str) -> list[str]:
     summary = results["summary"]
     cols = [g for g in summary if not g.startswith("spec_bench/")]
@@ -137,7 +149,8 @@ def markdown(results: dict, plots: list[str], *, reference: str, plain: str) -> 
                                                    f"top-k {s['top_k']}, seed {s['seed']} + prompt index")
          + ("; EOS ignored" if s["ignore_eos"] else "") + f"; chat template: {s['chat']}",
          f"- warm-up excluded ({s['warmup']}); methods run {s['order']}"
-         + ("\n- **stopped early** (Ctrl-C or SIGTERM): the prompts column shows what ran" if results.get("interrupted") else ""), "",
+         + ("\n- **stopped early** (Ctrl-C or SIGTERM): the prompts column shows what ran" if results.get("interrupted") else "")]
+    L += _parts(results) + ["",
          "| subset | prompts | prompt tokens mean (min-max) | output tokens mean |", "|---|---:|---:|---:|"]
     for sub, st in length_stats(results, reference).items():
         L.append(f"| {sub} | {st['prompts']} | {st['prompt_tokens_mean']:.0f} ({st['prompt_tokens_min']}-"

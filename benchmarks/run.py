@@ -71,6 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<date>-<device>/)")
     p.add_argument("--tag", default="", help="suffix for the output file names (e.g. when a run is split)")
+    p.add_argument("--skip-measured", nargs="+", default=[], metavar="JSON",
+                   help="skip prompts that every selected method already ran in these result files "
+                        "(continue a run that was stopped; merge the parts with benchmarks.merge)")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="run only every N-th prompt from the K-th (0-based), to split a run over processes "
+                        "or machines; merge the parts with benchmarks.merge")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--list-methods", action="store_true", help="print the methods and exit")
     args = p.parse_args(argv)
@@ -286,6 +292,37 @@ def round_robin(prompts: dict[str, list]) -> list[tuple[str, object]]:
     return [(subset, items[i]) for i in range(longest) for subset, items in prompts.items() if i < len(items)]
 
 
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'K/N' -> (K, N) with 0 <= K < N; None -> (0, 1)."""
+    if not text:
+        return 0, 1
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected K/N, e.g. 0/2 and 1/2") from None
+    if not 0 <= k < n:
+        raise ValueError(f"--shard {text!r}: need 0 <= K < N")
+    return k, n
+
+
+def measured_prompts(files: list[str], method_names: list[str]) -> set[tuple[str, str]]:
+    """(subset, prompt id) pairs that every one of method_names ran in the result files."""
+    seen: dict[tuple[str, str], set[str]] = {}
+    for f in files:
+        for r in json.loads(Path(f).read_text())["records"]:
+            seen.setdefault((r["subset"], r["id"]), set()).add(r["method"])
+    return {key for key, done in seen.items() if set(method_names) <= done}
+
+
+def plan(prompts: dict[str, list], *, skip: set[tuple[str, str]] = frozenset(),
+         shard: tuple[int, int] = (0, 1)) -> list[tuple[str, object]]:
+    """The timed order: round-robin over subsets, minus the skipped prompts, then this shard's
+    share (every N-th, so each shard still covers every subset evenly)."""
+    todo = [(s, p) for s, p in round_robin(prompts) if (s, p.id) not in skip]
+    k, n = shard
+    return todo[k::n]
+
+
 def _stop_on_sigterm() -> None:
     """`kill PID` ends a long run like Ctrl-C does: the results measured so far are written."""
     def handler(signum, frame):
@@ -294,15 +331,14 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
 
 
-def _timed_loop(args, ctx, prompts, active, memory) -> tuple[list, dict, bool]:
+def _timed_loop(args, ctx, order, active, memory) -> tuple[list, dict, bool]:
     """(records, failed, interrupted): every prompt through every active method, interleaved
     (each method sees the same machine load); Ctrl-C stops early and keeps what was measured."""
     records, failed = [], {}
     _stop_on_sigterm()  # installed here, after loading and warm-ups (libraries may set their own)
-    bar = _progress(sum(len(v) for v in prompts.values()), f"{len(active)} methods")
-    index = 0
+    bar = _progress(len(order), f"{len(active)} methods")
     try:
-        for subset, p in round_robin(prompts):
+        for subset, p, index in order:
             bar.set_postfix_str(f"{subset} {p.id}")
             ref_tokens = None
             for m in active:
@@ -329,7 +365,6 @@ def _timed_loop(args, ctx, prompts, active, memory) -> tuple[list, dict, bool]:
                 elif not ctx.do_sample and ref_tokens is not None:
                     rec.update(compare(ref_tokens, r.new_tokens))
                 records.append(rec)
-            index += 1
             bar.update(1)
     except KeyboardInterrupt:
         print("\ninterrupted: writing the results measured so far", flush=True)
@@ -362,8 +397,15 @@ def run_benchmark(args, *, loaded: models.Loaded | None = None, draft: models.Lo
     tokenized = datasets.tokenize(selected, loaded.tokenizer, args.chat, loaded.is_instruct)
     prompts, skipped = _fit_prompts(tokenized, loaded.model, args)
     chosen, active, absent = _setup_methods(args, ctx, prompts)
+    # a prompt's seed is its place in the full round-robin order, whatever the shard or skip
+    index = {(s, p.id): i for i, (s, p) in enumerate(round_robin(prompts))}
+    skip = measured_prompts(args.skip_measured, [m.name for m in active])
+    order = [(s, p, index[(s, p.id)]) for s, p in plan(prompts, skip=skip, shard=parse_shard(args.shard))]
+    print(f"{len(order)} prompts to run ({len(skip)} already measured, shard {args.shard or '0/1'})", flush=True)
+    if not order:
+        raise SystemExit("nothing left to run: every prompt of this shard is in --skip-measured")
     memory = Memory(device)
-    records, failed, interrupted = _timed_loop(args, ctx, prompts, active, memory)
+    records, failed, interrupted = _timed_loop(args, ctx, order, active, memory)
 
     results = {
         **env,
@@ -374,6 +416,7 @@ def run_benchmark(args, *, loaded: models.Loaded | None = None, draft: models.Lo
                      "datasets": args.datasets, "limit": args.limit, "data_dir": str(args.data_dir or
                                                                                         datasets.DEFAULT_DATA_DIR),
                      "prompts": {k: len(v) for k, v in prompts.items()}, "skipped_prompts": skipped,
+                     "shard": args.shard, "skip_measured": list(args.skip_measured),
                      "warmup": "one short run per method before timing (excluded); hf_static: one full run on "
                                "the longest prompt to size the cache", "order": "interleaved per prompt, round-robin over subsets",
                      "memory": memory.describe(), "exact_match_reference": args.match_reference},
@@ -413,7 +456,10 @@ def main(argv=None, *, model=None, tokenizer=None, draft_model=None) -> int:
         datasets.parse_names(args.datasets)
         datasets.data_dir_or_fail(args.data_dir)
         json.loads(args.drafter_opts)
-    except (FileNotFoundError, ValueError) as e:
+        parse_shard(args.shard)
+        for f in args.skip_measured:
+            json.loads(Path(f).read_text())["records"]
+    except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"specdec bench: error: {e}", file=sys.stderr)
         return 2
     loaded = None

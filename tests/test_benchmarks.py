@@ -40,6 +40,76 @@ def test_bench_suite_writes_results(tmp_path):
         assert len(list(out.glob("*.png"))) == 2
 
 
+def _humaneval_dir(tmp_path, n):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"task_id": f"HumanEval/{i}", "prompt": f"def f{i}(x):\n    return x * {i}\n\ndef g(", "test": "",
+             "entry_point": f"f{i}", "canonical_solution": ""} for i in range(n)]
+    (data / "humaneval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+def test_shards_and_skip_measured_merge_into_one_run(tmp_path):
+    """Two shards cover disjoint prompts; a third run with --skip-measured runs only what is
+    left; merging the parts gives one table over every prompt, and overlaps are refused."""
+    import pytest
+
+    from benchmarks import merge
+    from benchmarks.run import main
+
+    data = _humaneval_dir(tmp_path, 5)
+    model = tiny_model("llama")
+    common = ["--datasets", "humaneval", "--data-dir", str(data), "--max-new-tokens", "6", "--device", "cpu",
+              "--dtype", "float32", "--methods", "hf_greedy,specdec_ngram", "--no-plots"]
+
+    def run(out, *extra):
+        assert main(common + ["--out", str(tmp_path / out), *extra], model=model) == 0
+        return json.loads(next((tmp_path / out).glob("*.json")).read_text())
+
+    a = run("a", "--limit", "4", "--shard", "0/2")
+    b = run("b", "--limit", "4", "--shard", "1/2")
+    ids = lambda res: {r["id"] for r in res["records"] if r["method"] == "hf_greedy"}  # noqa: E731
+    assert ids(a) == {"HumanEval/0", "HumanEval/2"} and ids(b) == {"HumanEval/1", "HumanEval/3"}
+    files = [str(next((tmp_path / d).glob("*.json"))) for d in ("a", "b")]
+    c = run("c", "--limit", "5", "--skip-measured", *files)
+    assert ids(c) == {"HumanEval/4"}
+    with pytest.raises(SystemExit, match="nothing left"):
+        run("d", "--limit", "4", "--skip-measured", *files)
+
+    files.append(str(next((tmp_path / "c").glob("*.json"))))
+    assert merge.main(files + ["--out", str(tmp_path / "m"), "--tag", "all", "--no-plots"]) == 0
+    m = json.loads(next((tmp_path / "m").glob("*.json")).read_text())
+    assert m["settings"]["prompts"] == {"humaneval": 5} and len(m["parts"]) == 3
+    assert sorted({r["part"] for r in m["records"]}) == [0, 1, 2]
+    assert m["summary"]["humaneval"]["specdec_ngram"]["compared"] == 5
+    assert m["summary"]["humaneval"]["specdec_ngram"]["exact_match"] == 1.0
+    assert "merged from 3 parts" in next((tmp_path / "m").glob("*.md")).read_text()
+
+    assert merge.main([files[0], files[0], "--out", str(tmp_path / "x"), "--no-plots"]) == 2  # measured twice
+    partial = json.loads(Path(files[2]).read_text())  # an interrupted part: HumanEval/4 lacks a method
+    partial["records"] = [r for r in partial["records"] if r["method"] == "hf_greedy"]
+    m2 = merge.merge([partial, *(json.loads(Path(f).read_text()) for f in files)], ["p", "a", "b", "c"])
+    assert len(m2["records"]) == len(m["records"]) and m2["dropped_partial_prompts"] == [
+        {"prompt": ["humaneval", "HumanEval/4"], "part": 0, "records": 1}]
+    other = json.loads(Path(files[1]).read_text())
+    other["settings"]["max_new_tokens"] = 7
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        merge.merge([a, json.loads(bad.read_text())], ["a", "bad"])
+
+
+def test_shard_argument_is_checked():
+    import pytest
+
+    from benchmarks.run import parse_shard
+
+    assert parse_shard(None) == (0, 1) and parse_shard("1/3") == (1, 3)
+    for bad in ("3/3", "x", "1/0", "-1/2"):
+        with pytest.raises(ValueError, match="--shard"):
+            parse_shard(bad)
+
+
 def test_prompt_formats_from_shared_data():
     import pytest
 

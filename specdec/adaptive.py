@@ -157,6 +157,7 @@ class _Stats:
         self.M = np.zeros((6, n_arms))  # one array, so that decaying is one op; rows (views):
         self.S, self.A, self.Q, self.Z, self.D, self.E = self.M  # count, acc, acc^2, size, depth, empty
         self.N = 0.0  # discounted played steps
+        self.R = np.zeros((3, n_arms))  # count, acc, empty per arm since the request began (discounted)
         self.steps = 0
         self.XtX = np.zeros((3, 3))  # draft-time regression on [1, depth, size / 16]
         self.Xty = np.zeros(3)
@@ -179,24 +180,28 @@ class _Stats:
         self.step_cost: float | None = None  # EMA of seconds per step (draft side + verify)
 
     def decay(self, g: float) -> None:
-        for v in (self.M, self.XtX, self.Xty):
+        for v in (self.M, self.R, self.XtX, self.Xty):
             v *= g
         self.N = self.N * g + 1.0
 
     def forget(self, keep: float) -> None:
         self.M *= keep
+        self.R *= keep
         self.N *= keep
         for c in self.contexts.values():
             c.forget(keep)
 
     def add(self, a: int, acc: float, size: float, depth: float) -> None:
         self.M[:, a] += (1.0, acc, acc * acc, size, depth, float(size == 0))
+        self.R[:, a] += (1.0, acc, float(size == 0))
 
     def add_many(self, arms: list[int], acc: list[float], size: list[float], depth: list[float]) -> None:
         """``add`` for several arms at once (distinct arms)."""
         if arms:
-            self.M[:, arms] += np.array([[1.0] * len(arms), acc, [x * x for x in acc], size, depth,
-                                         [float(x == 0) for x in size]])
+            rows = np.array([[1.0] * len(arms), acc, [x * x for x in acc], size, depth,
+                             [float(x == 0) for x in size]])
+            self.M[:, arms] += rows
+            self.R[:, arms] += rows[[0, 1, 5]]
 
 
 class BudgetController:
@@ -207,7 +212,10 @@ class BudgetController:
     latency:    a LatencyModel (measured or synthetic); None = learned online (or the
                 cached curve, when ``generate`` attaches a runner).
     discount:   per-step forgetting of the arm statistics (memory ~ 1 / (1 - discount)).
-    explore:    UCB bonus scale (0 = greedy on the estimates).
+    explore:    UCB bonus scale (0 = greedy on the estimates; probes still explore). 0.1:
+                in a simulation of interleaved requests of two kinds on a CPU-like latency
+                curve 0.3 kept playing the other kind's trees (worst kind 0.90x of its best
+                fixed budget, 0.94x at 0.1).
     warmup:     steps on the largest arm first: they reveal every smaller arm at once.
     shift_z:    change detection: when the EMA (rate 0.1) of the played arm's z-score
                 exceeds this, all statistics but ``shift_keep`` of their weight are dropped.
@@ -216,7 +224,17 @@ class BudgetController:
                 estimate: one step of a bigger tree refreshes every arm up to it, so a
                 budget that fell behind on stale statistics is re-measured (0 = never).
     probe_cost: probes are spaced so that their extra verify cost stays under this
-                share of the time (a probe of an arm 2x as costly waits 1 / 0.02 = 50 steps).
+                share of the time (a probe of an arm 2x as costly waits 1 / 0.01 = 100 steps).
+    request_prior: each request (``generate`` call; ``begin_request``) is estimated on its own
+                steps, with the pooled statistics as a prior worth this many steps whose
+                level follows the request: the prior for every arm is scaled by how this
+                request does against the pool on its best-observed (smallest) arm, so a big
+                arm last played in a request of another kind is not priced at that request's
+                acceptance. Acceptance differs far more between prompts (a summary copies its
+                article, a chat answer does not) than along one; with one pool the previous
+                request steered the next one's first ~50 steps (simulated, interleaved poor
+                and good drafting requests, three request orders: worst kind 0.85-0.89x of its
+                best fixed budget pooled, 0.92-0.94x per request). 0 = one pool.
     split_empty: price an arm's verify as P(empty tree) t(0) + P(non-empty) t(mean
                 non-empty size), not t(mean size), which overprices arms that often draft
                 nothing where t jumps from 0 to 1 node, as on a CPU (simulated, half the
@@ -249,11 +267,11 @@ class BudgetController:
 
     def __init__(self, *, grid: Sequence[int] = DEFAULT_GRID, max_depth: int = 8,
                  arms: Sequence[TreeBudget] | None = None, latency: LatencyModel | None = None,
-                 discount: float = 0.99, explore: float = 0.3, warmup: int = 8, ridge: float = 1e-3,
+                 discount: float = 0.99, explore: float = 0.1, warmup: int = 8, ridge: float = 1e-3,
                  min_depth: int = 1, shift_z: float = 1.0, shift_keep: float = 0.05, probe_every: int = 8,
-                 probe_cost: float = 0.02, context_levels: int = 0, context_prior: float = 4.0,
+                 probe_cost: float = 0.01, context_levels: int = 0, context_prior: float = 4.0,
                  split_empty: bool = True, max_control_share: float = 0.03, max_stride: int = 8,
-                 measure_latency: str = "cuda", length_bands: bool = False):
+                 measure_latency: str = "cuda", length_bands: bool = False, request_prior: float = 8.0):
         arms = list(arms) if arms is not None else [TreeBudget(n, min(n, max_depth)) for n in grid]
         if not arms:
             raise ValueError("BudgetController needs at least one arm")
@@ -272,6 +290,7 @@ class BudgetController:
             raise ValueError(f"measure_latency must be 'cuda', 'always' or 'never', got {measure_latency!r}")
         self.measure_latency = measure_latency
         self.length_bands = bool(length_bands)
+        self.request_prior = float(request_prior)
         self._band: int | None = None
         self._stats: dict[str, _Stats] = {}
 
@@ -311,6 +330,14 @@ class BudgetController:
         if kind not in cals:
             cals[kind] = AcceptanceCalibrator(kind)
         return cals[kind]
+
+    def begin_request(self, key: str = "default") -> None:
+        """A new request (prompt) starts: its own statistics start from nothing (see
+        ``request_prior``); the pooled ones carry on."""
+        st = self._stats.get(self._arms_key(key))
+        if st is not None:
+            st.R[:] = 0.0
+            st._est = None
 
     # -- the per-step decision
     def choose(self, key: str = "default") -> TreeBudget:
@@ -481,6 +508,8 @@ class BudgetController:
             var = np.where(seen, np.maximum(st.Q - st.A * ratios[0], 0.0), 0.0)
             empty = np.where(seen, empty, 0.0)
         mean = _pav(mean, S + 1e-6)
+        if self.request_prior > 0 and ctx is None:
+            mean, empty = self._request_level(st, mean, empty)
         w = self._draft_weights(st)
         draft = np.maximum(w[0] + w[1] * depths + w[2] / 16.0 * sizes, 0.0)
         lat = self.latency or LatencyModel()
@@ -507,6 +536,23 @@ class BudgetController:
             return value / cost, mean, cost
         st._est = (value / cost, mean, cost)
         return st._est
+
+    def _request_level(self, st: _Stats, mean: np.ndarray, empty: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mean accepted, P(empty)) per arm for the current request: its own steps, with the
+        pooled estimates as a prior of ``request_prior`` steps, the prior's level moved by how
+        this request does on its best-observed arm (every step reveals the arms up to the one
+        played, so the small arms' request statistics come first; a big arm last played in an
+        earlier request is priced at this request's level, not that request's)."""
+        m = self.request_prior
+        count, acc, emp = st.R
+        if not count.any():
+            return mean, empty
+        i = int(np.argmax(count))  # (the smallest of the most observed)
+        level = ((acc[i] + m * mean[i]) / (count[i] + m)) / max(mean[i], 1e-3)
+        prior = mean * min(level, 1e3)
+        req_mean = _pav((acc + m * prior) / (count + m), count + m)
+        req_empty = (emp + m * empty) / (count + m) if self.split_empty else empty
+        return req_mean, req_empty
 
     def expected_rates(self, key: str) -> dict[TreeBudget, float]:
         """Estimated committed tokens per second of every arm (no exploration bonus)."""

@@ -315,10 +315,12 @@ def measured_prompts(files: list[str], method_names: list[str]) -> set[tuple[str
 
 
 def plan(prompts: dict[str, list], *, skip: set[tuple[str, str]] = frozenset(),
-         shard: tuple[int, int] = (0, 1)) -> list[tuple[str, object]]:
-    """The timed order: round-robin over subsets, minus the skipped prompts, then this shard's
-    share (every N-th, so each shard still covers every subset evenly)."""
-    todo = [(s, p) for s, p in round_robin(prompts) if (s, p.id) not in skip]
+         shard: tuple[int, int] = (0, 1)) -> list[tuple[str, object, int]]:
+    """The timed order [(subset, prompt, index)]: round-robin over subsets, minus the skipped
+    prompts, then this shard's share (every N-th, so each shard still covers every subset
+    evenly). ``index`` is the prompt's place in the whole round-robin order (its seed is
+    seed + index, whatever the shard or skip)."""
+    todo = [(s, p, i) for i, (s, p) in enumerate(round_robin(prompts)) if (s, p.id) not in skip]
     k, n = shard
     return todo[k::n]
 
@@ -397,10 +399,8 @@ def run_benchmark(args, *, loaded: models.Loaded | None = None, draft: models.Lo
     tokenized = datasets.tokenize(selected, loaded.tokenizer, args.chat, loaded.is_instruct)
     prompts, skipped = _fit_prompts(tokenized, loaded.model, args)
     chosen, active, absent = _setup_methods(args, ctx, prompts)
-    # a prompt's seed is its place in the full round-robin order, whatever the shard or skip
-    index = {(s, p.id): i for i, (s, p) in enumerate(round_robin(prompts))}
     skip = measured_prompts(args.skip_measured, [m.name for m in active])
-    order = [(s, p, index[(s, p.id)]) for s, p in plan(prompts, skip=skip, shard=parse_shard(args.shard))]
+    order = plan(prompts, skip=skip, shard=parse_shard(args.shard))
     print(f"{len(order)} prompts to run ({len(skip)} already measured, shard {args.shard or '0/1'})", flush=True)
     if not order:
         raise SystemExit("nothing left to run: every prompt of this shard is in --skip-measured")

@@ -333,11 +333,11 @@ class BudgetController:
 
     def begin_request(self, key: str = "default") -> None:
         """A new request (prompt) starts: its own statistics start from nothing (see
-        ``request_prior``); the pooled ones carry on."""
-        st = self._stats.get(self._arms_key(key))
-        if st is not None:
-            st.R[:] = 0.0
-            st._est = None
+        ``request_prior``), in every band of lengths; the pooled ones carry on."""
+        for name, st in self._stats.items():
+            if name == key or name.startswith(f"{key}|len"):
+                st.R[:] = 0.0
+                st._est = None
 
     # -- the per-step decision
     def choose(self, key: str = "default") -> TreeBudget:

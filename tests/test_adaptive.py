@@ -687,6 +687,9 @@ def test_length_bands_keep_separate_arm_statistics():
         _drive(ctl, sim, [(0.85, steps)])
     assert ctl._state("sim|len0").steps == 40 and ctl._state("sim|len1").steps == 25
     assert ctl._state("sim").steps == 0 and "prob" in ctl._state("sim").calibrators
+    ctl.begin_request("sim")  # a new request starts its own statistics in every band
+    assert not ctl._state("sim|len0").R.any() and not ctl._state("sim|len1").R.any()
+    assert ctl._state("sim|len0").S.any()  # (the pooled ones carry on)
     pooled = BudgetController(latency=_linear_latency(sim))  # (the default: one pool)
     for length in (100, 700):
         pooled.set_sequence_length(length)

@@ -4,6 +4,7 @@
 #   benchmarks/gpu_suite.sh OUT build tests latency      # no model file needed
 #   SPECDEC_SMOLLM2_GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf \
 #     benchmarks/gpu_suite.sh OUT realtests real-fp32 real-bf16
+#   SPECDEC_GEMMA_GGUF=/path/gemma-3-270m-q4_k_m.gguf benchmarks/gpu_suite.sh OUT gemma-bf16 gemma-t07
 #
 # build      pip install -e . (CPU extension + CUDA ops for sm_90) and import checks
 # tests      every test marked `gpu` except the real-model ones
@@ -13,6 +14,9 @@
 # realtests  tests/test_real_model_gpu.py (fast path == generic == transformers, fp32)
 # real-fp32  benchmarks.run on the real SmolLM2, fp32: speed and exact match vs transformers
 # real-bf16  the same in bf16, exact match vs specdec's own plain decoding
+# real-t07   the same in bf16 sampled at temperature 0.7 (speed and tau; no exact match)
+# sweep      benchmarks/sweep_adaptive.py on the real SmolLM2 in bf16 (adaptive vs fixed budgets)
+# gemma-bf16 / gemma-t07  real-bf16 / real-t07 on Gemma-3-270M (SPECDEC_GEMMA_GGUF)
 # Set LIMIT / PER_CATEGORY / NEW_TOKENS to size the benchmark runs (defaults 5 / 2 / 128),
 # METHODS to replace the benchmark methods, TAG to name the latency files (default: the GPU's model).
 set -uo pipefail
@@ -24,12 +28,12 @@ methods=${METHODS:-'hf_greedy,hf_prompt_lookup_10,specdec_none,specdec_compact_n
 tag=${TAG:-$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -oiE 'h100|h200|a100|l40s|b200' | tr 'A-Z' 'a-z')}
 tag=${tag:-gpu}
 
-bench() {  # dtype match-reference tag
-  timeout "${BENCH_TIMEOUT:-280}" python -m benchmarks.run --model "$SPECDEC_SMOLLM2_GGUF" --device cuda --dtype "$1" \
+bench() {  # model-file dtype match-reference tag temperature
+  timeout "${BENCH_TIMEOUT:-280}" python -m benchmarks.run --model "$1" --device cuda --dtype "$2" \
     --data-dir "$data" --datasets humaneval,gsm8k,spec_bench --limit "$limit" --per-category "$per_cat" \
-    --max-new-tokens "$new" --adaptive --methods "$methods" --match-reference "$2" --tag "$3" \
-    --out "$out/real" > "$out/real-$1.log" 2>&1
-  echo "real-$1 rc=$?"; tail -25 "$out/real-$1.log"
+    --max-new-tokens "$new" --adaptive --methods "$methods" --match-reference "$3" --tag "$4" \
+    --temperature "$5" --out "$out/real" > "$out/real-$4.log" 2>&1
+  echo "real-$4 rc=$?"; tail -25 "$out/real-$4.log"
 }
 
 for stage in "$@"; do
@@ -64,8 +68,17 @@ print(torch.__version__, triton.__version__, transformers.__version__, backend.d
       timeout "${TESTS_TIMEOUT:-240}" python -m pytest -q -rfEs --tb=short tests/test_real_model_gpu.py \
         > "$out/realtests.log" 2>&1
       echo "realtests rc=$?"; tail -15 "$out/realtests.log" ;;
-    real-fp32) bench float32 hf_greedy fp32 ;;
-    real-bf16) bench bfloat16 specdec_none bf16 ;;
+    real-fp32) bench "$SPECDEC_SMOLLM2_GGUF" float32 hf_greedy fp32 0 ;;
+    real-bf16) bench "$SPECDEC_SMOLLM2_GGUF" bfloat16 specdec_none bf16 0 ;;
+    real-t07) bench "$SPECDEC_SMOLLM2_GGUF" bfloat16 hf_greedy bf16-t07 0.7 ;;
+    gemma-bf16) bench "$SPECDEC_GEMMA_GGUF" bfloat16 specdec_none gemma-bf16 0 ;;
+    gemma-t07) bench "$SPECDEC_GEMMA_GGUF" bfloat16 hf_greedy gemma-bf16-t07 0.7 ;;
+    sweep)
+      timeout "${SWEEP_TIMEOUT:-280}" python benchmarks/sweep_adaptive.py --model "$SPECDEC_SMOLLM2_GGUF" --device cuda \
+        --dtype bfloat16 --data-dir "$data" --datasets "${SWEEP_DATASETS:-humaneval,gsm8k,mbpp,spec_bench}" \
+        --limit "${SWEEP_LIMIT:-3}" --max-new-tokens "$new" --drafter "${SWEEP_DRAFTER:-ngram+recycling}" \
+        --nodes "${SWEEP_NODES:-1,4,16,64}" --depths 8 --tag "$tag" --out "$out/sweep" > "$out/sweep.log" 2>&1
+      echo "sweep rc=$?"; tail -30 "$out/sweep.log" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   echo "[$stage: $(( $(date +%s) - t0 )) s]"

@@ -74,7 +74,7 @@ print(torch.__version__, triton.__version__, transformers.__version__, backend.d
     gemma-bf16) bench "$SPECDEC_GEMMA_GGUF" bfloat16 specdec_none gemma-bf16 0 ;;
     gemma-t07) bench "$SPECDEC_GEMMA_GGUF" bfloat16 hf_greedy gemma-bf16-t07 0.7 ;;
     sweep)
-      timeout "${SWEEP_TIMEOUT:-280}" python benchmarks/sweep_adaptive.py --model "$SPECDEC_SMOLLM2_GGUF" --device cuda \
+      timeout "${SWEEP_TIMEOUT:-280}" python -m benchmarks.sweep_adaptive --model "$SPECDEC_SMOLLM2_GGUF" --device cuda \
         --dtype bfloat16 --data-dir "$data" --datasets "${SWEEP_DATASETS:-humaneval,gsm8k,mbpp,spec_bench}" \
         --limit "${SWEEP_LIMIT:-3}" --max-new-tokens "$new" --drafter "${SWEEP_DRAFTER:-ngram+recycling}" \
         --nodes "${SWEEP_NODES:-1,4,16,64}" --depths 8 --tag "$tag" --out "$out/sweep" > "$out/sweep.log" 2>&1

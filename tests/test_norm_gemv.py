@@ -53,17 +53,21 @@ def test_norm_gemv_matches_float64_every_config(fused, n, k, offset, with_delta,
             assert total.isnan().all(), cfg  # nothing written
 
 
-def test_norm_gemv_total_is_rounded_like_torch(fused):
-    """x + delta in fp16 is stored exactly as PyTorch's add rounds it, and normalised as such."""
+def test_norm_gemv_normalises_the_rounded_sum(fused):
+    """x + delta in fp16 is stored exactly as PyTorch's add rounds it, and that rounded sum
+    is what gets normalised (an fp32 output makes the check tight)."""
     from specdec.kernels import gemv as kernel
 
     x, delta, nw, w, _ = _inputs(20, 300, torch.float16, seed=5)
-    out = torch.empty(20, device=DEVICE, dtype=torch.float16)
+    delta = delta * 1e-2  # each sum rounds visibly
+    out = torch.empty(20, device=DEVICE, dtype=torch.float32)
     total = torch.empty(300, device=DEVICE, dtype=torch.float16)
     kernel.norm_gemv(x[0], delta[0], nw, EPS, False, w, None, out, total)
     assert torch.equal(total, (x + delta)[0])
     want = reference(x + delta, None, nw, False, w, None)[0]
-    torch.testing.assert_close(out.double(), want, rtol=2e-3, atol=2e-3)
+    assert not torch.allclose(reference(x.double() + delta.double(), None, nw, False, w, None)[0], want,
+                              rtol=1e-5, atol=1e-5)  # (the unrounded sum would fail this test)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def _unfused_error_and_fused(monkeypatch, x, delta, nw, offset, w, b):
@@ -120,11 +124,12 @@ def test_choices_report_the_norm_choice(monkeypatch):
     assert got["128256x4096 bfloat16 norm"] == "norm + linear"
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16])
-def test_llama_one_token_decode_fused_matches_unfused(fused, monkeypatch, dtype):
-    """A tiny Llama decoding one token with the norms inside the GEMVs: every norm of the
-    step (2 per layer + the final one) runs fused, and the logits stay those of the
-    unfused model within bf16 noise, with the same greedy token."""
+def test_llama_one_token_decode_fused_matches_unfused(fused, monkeypatch):
+    """A tiny Llama (fp16) decoding one token with the norms inside the GEMVs: every norm
+    of the step (2 per layer + the final one) runs fused, prefill never does, and the
+    logits are as close to float32 transformers (same weights) as the unfused model's,
+    with the same greedy token. (fp16: the interpreted tree-attention kernel is wrong in
+    bf16 on CPU tensors, see the report of this change.)"""
     from test_compact_models import make_hf
 
     from specdec.backends.compact import CompactRunner
@@ -133,8 +138,9 @@ def test_llama_one_token_decode_fused_matches_unfused(fused, monkeypatch, dtype)
     calls = []
     real = kernel.norm_gemv
     monkeypatch.setattr(kernel, "norm_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    hf = make_hf("qwen2-bias", dtype=dtype).to(DEVICE)  # Llama family, with a qkv bias
+    hf = make_hf("qwen2-bias", dtype=torch.float16).to(DEVICE)  # Llama family, with a qkv bias
     ids = torch.randint(0, hf.config.vocab_size, (7,), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    want = make_hf("qwen2-bias", dtype=torch.float16).float().to(DEVICE)(ids[None]).logits[0, -1:]  # [1, vocab]
     outs = {}
     for mode in ("0", "1"):
         monkeypatch.setenv("SPECDEC_GEMV", mode)
@@ -143,9 +149,8 @@ def test_llama_one_token_decode_fused_matches_unfused(fused, monkeypatch, dtype)
         assert not calls
         outs[mode] = runner.forward(ids[6:], torch.tensor([6], device=DEVICE))  # [1, vocab]
         assert len(calls) == (2 * hf.config.num_hidden_layers + 1 if mode == "1" else 0)
-    want = hf(ids[None]).logits[0, -1:].float()  # transformers, same dtype
-    scale = want.abs().max().item()
     plain_err = (outs["0"] - want).abs().max().item()
-    err = (outs["1"] - outs["0"]).abs().max().item()
-    assert err <= max(2 * plain_err, 2e-2 * scale), (err, plain_err, scale)
+    err = (outs["1"] - want).abs().max().item()
+    assert err <= 2 * plain_err + 1e-3 * want.abs().max().item(), (err, plain_err)
     assert torch.equal(outs["1"].argmax(-1), outs["0"].argmax(-1))
+    assert torch.equal(outs["1"].argmax(-1), want.argmax(-1))

@@ -82,7 +82,9 @@ class Block(nn.Module):
     def forward(self, x, cos_sin, cache, layer, meta, delta=None):
         """x [m, hidden] the residual stream, delta the previous block's MLP output still to
         be added (None for the first block) -> (x, this block's MLP output, not yet added):
-        each residual add runs inside the next norm (``RMSNorm.add_forward``)."""
+        each residual add runs inside the next norm (``RMSNorm.add_forward``). Once q/k/v and
+        gate/up are fused, each norm is handed to the projection after it (``RMSNorm.linear``):
+        for one row (plain decoding) that may be one kernel; more rows run as before."""
         attn, mlp = self.self_attn, self.mlp
         if attn.qkv_weight is not None and mlp.gate_up_weight is not None:
             # each norm (and residual add) handed to the projection after it: one kernel for one row

@@ -45,6 +45,12 @@ class RMSNorm(nn.Module):
         """(norm(x + delta), x + delta): a residual add and this norm in one launch when fused."""
         return norm_ops.add_rms_norm(x, delta, self.weight, self.eps, self.offset)
 
+    def linear(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+               bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [m, dim], delta [m, dim] or None, weight [N, dim] -> (linear(norm(x + delta)) [m, N],
+        x + delta): for one row possibly one kernel (``ops.linear.norm_linear``)."""
+        return linear_ops.norm_linear(x, delta, self.weight, self.eps, self.offset, weight, bias)
+
 
 def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Concatenate the weights (and biases) of linears that read the same input into one
@@ -91,7 +97,10 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [m, hidden]
         if self.gate_up_weight is None:
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-        gate_up = linear_ops.linear(x, self.gate_up_weight, self.gate_up_bias)  # [m, 2 * inter]
+        return self.from_gate_up(linear_ops.linear(x, self.gate_up_weight, self.gate_up_bias))
+
+    def from_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The rest of the MLP once fused: gate_up [m, 2 * inter] -> [m, hidden]."""
         if self.silu:
             h = act_ops.silu_mul(gate_up)
         else:
@@ -357,8 +366,12 @@ class CompactModel(nn.Module):
         delta = None  # a block's last residual add, left to the next norm (see llama.Block)
         for i, layer in enumerate(self.model.layers):
             x, delta = layer(x, rope[layer.rope_key], cache, i, meta, delta)
+        return self.head(x, delta)  # [m, vocab]
+
+    def head(self, x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+        """The final norm of x (+ delta, the last residual add) and the logits: [m, hidden] -> [m, vocab]."""
         h = self.model.norm(x) if delta is None else self.model.norm.add_forward(x, delta)[0]
-        return self.logits(h)  # [m, vocab]
+        return self.logits(h)
 
     # --- loading
     @classmethod

@@ -55,10 +55,11 @@ class Attention(nn.Module):
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
         return linear_ops.linear(x, self.qkv_weight, self.qkv_bias).split(self.qkv_sizes, dim=-1)
 
-    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], cache: StaticKVCache,
-                layer: int, meta: AttnMeta) -> torch.Tensor:
-        m, d = x.shape[0], self.head_dim
-        q, k, v = self.project_qkv(x)
+    def forward(self, x: torch.Tensor | None, cos_sin: tuple[torch.Tensor, torch.Tensor], cache: StaticKVCache,
+                layer: int, meta: AttnMeta, qkv: torch.Tensor | None = None) -> torch.Tensor:
+        """x [m, hidden] (normed), or qkv [m, sum(qkv_sizes)] already projected -> [m, hidden]."""
+        q, k, v = self.project_qkv(x) if qkv is None else qkv.split(self.qkv_sizes, dim=-1)
+        m, d = q.shape[0], self.head_dim
         q, k, v = q.view(m, -1, d), k.view(m, -1, d), v.view(m, -1, d)  # [m, Hq | Hkv | Hkv, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -81,10 +82,19 @@ class Block(nn.Module):
     def forward(self, x, cos_sin, cache, layer, meta, delta=None):
         """x [m, hidden] the residual stream, delta the previous block's MLP output still to
         be added (None for the first block) -> (x, this block's MLP output, not yet added):
-        each residual add runs inside the next norm (``RMSNorm.add_forward``)."""
+        each residual add runs inside the next norm (``RMSNorm.add_forward``). Once q/k/v and
+        gate/up are fused, each norm is handed to the projection after it (``RMSNorm.linear``):
+        for one row (plain decoding) that may be one kernel; more rows run as before."""
+        attn, mlp = self.self_attn, self.mlp
+        if attn.qkv_weight is not None and mlp.gate_up_weight is not None:
+            # each norm (and residual add) handed to the projection after it: one kernel for one row
+            qkv, x = self.input_layernorm.linear(x, delta, attn.qkv_weight, attn.qkv_bias)
+            gate_up, x = self.post_attention_layernorm.linear(x, attn(None, cos_sin, cache, layer, meta, qkv=qkv),
+                                                              mlp.gate_up_weight, mlp.gate_up_bias)
+            return x, mlp.from_gate_up(gate_up)
         h, x = (self.input_layernorm(x), x) if delta is None else self.input_layernorm.add_forward(x, delta)
-        h, x = self.post_attention_layernorm.add_forward(x, self.self_attn(h, cos_sin, cache, layer, meta))
-        return x, self.mlp(h)
+        h, x = self.post_attention_layernorm.add_forward(x, attn(h, cos_sin, cache, layer, meta))
+        return x, mlp(h)
 
 
 class LlamaCompact(CompactModel):
@@ -105,3 +115,7 @@ class LlamaCompact(CompactModel):
         if config.model_type not in cls.model_types:
             return f"model_type {config.model_type!r}"
         return rope_unsupported(config)
+
+    def head(self, x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:  # [m, hidden] -> [m, vocab]
+        """The final norm handed to the lm_head projection (one kernel for one row)."""
+        return self.model.norm.linear(x, delta, self.lm_head.weight, self.lm_head.bias)[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -21,7 +22,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+log = logging.getLogger("specdec")
+
 LATENCY_GRID = (0, 1, 2, 4, 8, 16, 32, 64, 128)
+MEASURE_PREFIX = 64  # cached tokens before each timed tree
 
 
 def default_cache_dir() -> Path:
@@ -270,15 +274,24 @@ class LatencyModel:
             hit = cls.cached(key, cache_dir)
             if hit is not None:
                 return hit
-        lm = cls.measure(runner_verify_fn(runner), grid, key=key,
+        # a small cache (a runner made for short generations) holds the prefix and the trees
+        # that fit; such a partial curve is used but not cached for bigger runners
+        capacity = int(getattr(runner, "max_length", 0) or 0) or None
+        prefix = MEASURE_PREFIX if capacity is None else max(1, min(MEASURE_PREFIX, capacity // 4))
+        fits = [n for n in grid if capacity is None or prefix + n + 1 <= capacity]
+        lm = cls.measure(runner_verify_fn(runner, prefix_len=prefix), fits, key=key,
                          meta={"device": _device_name(runner.device), "measured": time.strftime("%Y-%m-%d %H:%M:%S")},
                          **measure_kw)
         runner.reset()
-        lm.save(cls.cache_path(key, cache_dir))
+        if len(fits) == len(grid):
+            lm.save(cls.cache_path(key, cache_dir))
+        else:
+            log.debug("specdec: latency curve of %s measured up to %d nodes (cache capacity %s); not cached",
+                      key, fits[-1], capacity)
         return lm
 
 
-def runner_verify_fn(runner, prefix_len: int = 64, seed: int = 0) -> Callable[[int], None]:
+def runner_verify_fn(runner, prefix_len: int = MEASURE_PREFIX, seed: int = 0) -> Callable[[int], None]:
     """verify(n): one tree forward of n + 1 tokens after a ``prefix_len`` prefix, then crop."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, runner.vocab_size, (prefix_len + 1024,), generator=g).to(runner.device)

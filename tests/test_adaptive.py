@@ -518,6 +518,20 @@ def test_latency_for_runner_measures_once(tmp_path):
     assert runner.length == 0
 
 
+def test_latency_for_runner_fits_a_small_cache(tmp_path):
+    """A runner made for a short generation: the timed prefix and trees stay inside its
+    cache, and the partial curve is not cached for bigger runners."""
+    from specdec.backends.compact import CompactRunner
+
+    model = tiny_model("llama")
+    runner = CompactRunner.from_hf(model, max_length=40)
+    lm = LatencyModel.for_runner(runner, model=model, cache_dir=tmp_path, grid=(0, 4, 16, 32, 64), repeats=1,
+                                 warmup=0)
+    assert lm.sizes == [0, 4, 16]  # prefix 10 + 17 <= 40 < 10 + 33
+    assert all(t > 0 for t in lm.times) and runner.length == 0
+    assert not list(tmp_path.iterdir())
+
+
 # ----------------------------------------------------------------------------- dynamic trees
 def _toy_probs(vocab=10):
     """next-token probabilities that depend on the last token: a peaked chain 0 -> 1 -> 2 ..."""

@@ -55,6 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i (every method alike)")
+    p.add_argument("--prompt-warmup", choices=["auto", "on", "off"], default="auto",
+                   help="before timing a prompt, run every method on it for one token, untimed: one-time "
+                        "costs of a new prompt shape (kernel specialisations, allocations) then fall on no "
+                        "method (auto: on for CUDA, where the first method on a prompt paid 0.1-1.4 s more "
+                        "prefill than the next on the H200; off on CPU)")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--methods", default="all",
                    help="comma list of method names or globs (e.g. 'hf_greedy,specdec_*'); "
@@ -333,6 +338,17 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
 
 
+def _warm_prompt(ctx, active, failed, prompt_ids, seed) -> None:
+    """Every active method on this prompt for one new token, untimed (``--prompt-warmup``);
+    an error here is left for the timed run to report."""
+    for m in active:
+        if m.name not in failed:
+            try:
+                m.run(ctx, prompt_ids, seed=seed, max_new_tokens=1)
+            except Exception:  # noqa: BLE001
+                pass
+
+
 def _timed_loop(args, ctx, order, active, memory) -> tuple[list, dict, bool]:
     """(records, failed, interrupted): every prompt through every active method, interleaved
     (each method sees the same machine load); Ctrl-C stops early and keeps what was measured."""
@@ -342,6 +358,8 @@ def _timed_loop(args, ctx, order, active, memory) -> tuple[list, dict, bool]:
     try:
         for subset, p, index in order:
             bar.set_postfix_str(f"{subset} {p.id}")
+            if args.prompt_warmup_on:
+                _warm_prompt(ctx, active, failed, p.prompt_ids, args.seed + index)
             ref_tokens = None
             for m in active:
                 if m.name in failed:
@@ -405,6 +423,7 @@ def run_benchmark(args, *, loaded: models.Loaded | None = None, draft: models.Lo
     if not order:
         raise SystemExit("nothing left to run: every prompt of this shard is in --skip-measured")
     memory = Memory(device)
+    args.prompt_warmup_on = args.prompt_warmup == "on" or (args.prompt_warmup == "auto" and device.type == "cuda")
     records, failed, interrupted = _timed_loop(args, ctx, order, active, memory)
 
     results = {
@@ -418,7 +437,9 @@ def run_benchmark(args, *, loaded: models.Loaded | None = None, draft: models.Lo
                      "prompts": {k: len(v) for k, v in prompts.items()}, "skipped_prompts": skipped,
                      "shard": args.shard, "skip_measured": list(args.skip_measured),
                      "warmup": "one short run per method before timing (excluded); hf_static: one full run on "
-                               "the longest prompt to size the cache", "order": "interleaved per prompt, round-robin over subsets",
+                               "the longest prompt to size the cache" + ("; every method on each prompt for one "
+                               "token before that prompt is timed" if args.prompt_warmup_on else ""),
+                     "prompt_warmup": args.prompt_warmup_on, "order": "interleaved per prompt, round-robin over subsets",
                      "memory": memory.describe(), "exact_match_reference": args.match_reference},
         "methods": {m.name: {"family": m.family, "description": m.description} for m in chosen},
         "absent": absent, "failed": failed, "interrupted": interrupted,

@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives in the source checkout
@@ -38,6 +40,31 @@ def test_bench_suite_writes_results(tmp_path):
     assert (out.parent / "LATEST.md").exists() and md[0].name in (out.parent / "LATEST.md").read_text()
     if importlib.util.find_spec("matplotlib") is not None:
         assert len(list(out.glob("*.png"))) == 2
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_prompt_warmup_runs_each_method_for_one_token(tmp_path, monkeypatch, mode):
+    from benchmarks import methods as methods_mod
+    from benchmarks import run as run_mod
+
+    one_token = []
+    real = methods_mod.SpecdecMethod.run
+
+    def counting(self, ctx, ids, seed, max_new_tokens=None):
+        if max_new_tokens == 1:
+            one_token.append(self.name)
+        return real(self, ctx, ids, seed, max_new_tokens)
+
+    monkeypatch.setattr(methods_mod.SpecdecMethod, "run", counting)
+    out = tmp_path / "out"
+    rc = run_mod.main(["--datasets", "humaneval", "--data-dir", str(_humaneval_dir(tmp_path, 2)), "--limit", "2",
+                       "--max-new-tokens", "4", "--device", "cpu", "--dtype", "float32", "--methods",
+                       "specdec_none,specdec_ngram", "--prompt-warmup", mode, "--no-plots", "--out", str(out)],
+                      model=tiny_model("llama"))
+    res = json.loads(next(out.glob("*.json")).read_text())
+    assert rc == 0 and res["settings"]["prompt_warmup"] == (mode == "on")
+    assert sorted(one_token) == (sorted(["specdec_none", "specdec_ngram"] * 2) if mode == "on" else [])
+    assert all(r["new_tokens"] == 4 for r in res["records"])  # the timed runs are the full ones
 
 
 def _humaneval_dir(tmp_path, n):

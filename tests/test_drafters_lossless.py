@@ -88,3 +88,34 @@ def test_real_smollm2_greedy_lossless(smollm2, name):
         ref = hf_greedy(model, ids, 32, eos_token_id=tok.eos_token_id)
         out = specdec.generate(model, ids, drafter=drafter, max_new_tokens=32, eos_token_id=tok.eos_token_id)
         assert out.sequences.tolist() == ref.tolist()
+
+
+def _first_layers_of(model, layers: int):
+    """A small draft model with the target's tokenizer: its first ``layers`` layers,
+    final norm and LM head (no installable package ships a smaller SmolLM2)."""
+    import copy
+
+    cfg = copy.deepcopy(model.config)
+    cfg.num_hidden_layers = layers
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = cfg.layer_types[:layers]
+    small = type(model)(cfg).eval()
+    missing, _unused = small.load_state_dict(model.state_dict(), strict=False)
+    assert not [k for k in missing if "rotary" not in k], missing
+    return small
+
+
+@pytest.mark.parametrize("name", ["model", "dual"])
+def test_real_smollm2_greedy_lossless_with_a_draft_model(smollm2, name):
+    """The draft-model drafters on the real target (draft: its first 6 of 30 layers)."""
+    from test_lossless import _real_prompts
+
+    model, tok = smollm2
+    drafter = drafters.make(name, target=model, draft_model=_first_layers_of(model, 6))
+    accepted = 0
+    for ids in _real_prompts(tok, n=1):
+        ref = hf_greedy(model, ids, 32, eos_token_id=tok.eos_token_id)
+        out = specdec.generate(model, ids, drafter=drafter, max_new_tokens=32, eos_token_id=tok.eos_token_id)
+        assert out.sequences.tolist() == ref.tolist()
+        accepted += sum(out.stats.accepted_per_step)
+    assert accepted > 0  # the draft really drafted: some of its tokens were kept

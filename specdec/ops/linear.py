@@ -44,32 +44,34 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
             and (bias is None or bias.is_contiguous()) and backend.use_fused(x.device))
 
 
-def _measure(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple | None:
+def _fastest(what: str, baseline: str, run_baseline, run_config, weight: torch.Tensor, dtype: torch.dtype
+             ) -> tuple | None:
+    """Time ``run_baseline()`` and ``run_config(cfg)`` for every GEMV config (median of
+    ``do_bench``, L2 cleared between repetitions); the fastest config, or None for the baseline."""
     from triton.testing import do_bench
 
     from ..kernels import gemv as kernel
 
-    out = torch.empty(weight.shape[0], dtype=x.dtype, device=x.device)
-    xv = x.reshape(-1)
-    times = {None: do_bench(lambda: F.linear(x, weight, bias), warmup=5, rep=20, return_mode="median")}
+    times = {None: do_bench(run_baseline, warmup=5, rep=20, return_mode="median")}
     for cfg in kernel.CONFIGS:
         try:
-            times[cfg] = do_bench(lambda: kernel.gemv(xv, weight, bias, out, cfg), warmup=5, rep=20,
-                                  return_mode="median")
+            times[cfg] = do_bench(lambda: run_config(cfg), warmup=5, rep=20, return_mode="median")
         except Exception as e:  # noqa: BLE001 -- a config that does not compile here is just not chosen
-            log.debug("specdec: GEMV config %s failed for %s: %s", cfg, tuple(weight.shape), e)
+            log.debug("specdec: %s config %s failed for %s: %s", what, cfg, tuple(weight.shape), e)
     best = min(times, key=times.get)
-    log.info("specdec: one-row linear %s (%s): %s (%.1f us; cuBLAS %.1f us)", tuple(weight.shape),
-             str(x.dtype).replace("torch.", ""), "cuBLAS" if best is None else f"GEMV {best}",
-             1e3 * times[best], 1e3 * times[None])
+    log.info("specdec: one-row %s %s (%s): %s (%.1f us; %s %.1f us)", what, tuple(weight.shape),
+             str(dtype).replace("torch.", ""), baseline if best is None else f"{what} {best}",
+             1e3 * times[best], baseline, 1e3 * times[None])
     return best
 
 
-def _config_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple | None:
-    if x.dim() != 2 or x.shape[0] != 1:  # (every verify forward: decided before any other lookup)
+def _decide(x: torch.Tensor, eligible, table: dict, key: tuple, measure) -> tuple | None:
+    """The GEMV config for a one-row call (None: the baseline): ``SPECDEC_GEMV`` first, then
+    ``table[key]``, measured once (``measure()``) outside a CUDA-graph capture."""
+    if x.dim() != 2 or x.shape[0] != 1:  # (every verify forward and prefill: decided before any lookup)
         return None
     mode = _mode()
-    if mode == "0" or not _eligible(x, weight, bias):
+    if mode == "0" or not eligible():
         return None
     if mode == "1":
         from ..kernels import gemv as kernel
@@ -77,12 +79,22 @@ def _config_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         return kernel.CONFIGS[0]
     if x.device.type != "cuda":
         return None
-    key = (*weight.shape, x.dtype, x.device)
-    if key not in _choice:
+    if key not in table:
         if torch.cuda.is_current_stream_capturing():
-            return None  # cannot time inside a capture: cuBLAS for this graph
-        _choice[key] = _measure(x, weight, bias)
-    return _choice[key]
+            return None  # cannot time inside a capture: the baseline for this graph
+        table[key] = measure()
+    return table[key]
+
+
+def _config_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple | None:
+    def measure():
+        from ..kernels import gemv as kernel
+
+        out, xv = torch.empty(weight.shape[0], dtype=x.dtype, device=x.device), x.reshape(-1)
+        return _fastest("GEMV", "cuBLAS", lambda: F.linear(x, weight, bias),
+                        lambda cfg: kernel.gemv(xv, weight, bias, out, cfg), weight, x.dtype)
+
+    return _decide(x, lambda: _eligible(x, weight, bias), _choice, (*weight.shape, x.dtype, x.device), measure)
 
 
 def choices() -> dict[str, str]:
@@ -125,44 +137,16 @@ def _fused(x, delta, norm_weight, eps, offset, weight, bias, config) -> tuple[to
     return out, total
 
 
-def _measure_norm(x, delta, norm_weight, eps, offset, weight, bias) -> tuple | None:
-    from triton.testing import do_bench
-
-    from ..kernels import gemv as kernel
-
-    args = (x, delta, norm_weight, eps, offset, weight, bias)
-    _unfused(*args)  # lets linear make (and log) its own choice first, outside the timing
-    times = {None: do_bench(lambda: _unfused(*args), warmup=5, rep=20, return_mode="median")}
-    for cfg in kernel.CONFIGS:
-        try:
-            times[cfg] = do_bench(lambda: _fused(*args, cfg), warmup=5, rep=20, return_mode="median")
-        except Exception as e:  # noqa: BLE001 -- a config that does not compile here is just not chosen
-            log.debug("specdec: norm-GEMV config %s failed for %s: %s", cfg, tuple(weight.shape), e)
-    best = min(times, key=times.get)
-    log.info("specdec: one-row norm + linear %s (%s): %s (%.1f us; unfused %.1f us)", tuple(weight.shape),
-             str(x.dtype).replace("torch.", ""), "unfused" if best is None else f"norm-GEMV {best}",
-             1e3 * times[best], 1e3 * times[None])
-    return best
-
-
 def _norm_config_for(x, delta, norm_weight, eps, offset, weight, bias) -> tuple | None:
-    if x.dim() != 2 or x.shape[0] != 1:  # (every verify forward and prefill: decided first)
-        return None
-    mode = _mode()
-    if mode == "0" or not _norm_eligible(x, delta, norm_weight, weight, bias):
-        return None
-    if mode == "1":
-        from ..kernels import gemv as kernel
+    args = (x, delta, norm_weight, eps, offset, weight, bias)
 
-        return kernel.CONFIGS[0]
-    if x.device.type != "cuda":
-        return None
-    key = (*weight.shape, x.dtype, x.device, "norm")
-    if key not in _norm_choice:
-        if torch.cuda.is_current_stream_capturing():
-            return None  # cannot time inside a capture: unfused for this graph
-        _norm_choice[key] = _measure_norm(x, delta, norm_weight, eps, offset, weight, bias)
-    return _norm_choice[key]
+    def measure():
+        _unfused(*args)  # lets linear make (and log) its own choice first, outside the timing
+        return _fastest("norm-GEMV", "norm + linear", lambda: _unfused(*args), lambda cfg: _fused(*args, cfg),
+                        weight, x.dtype)
+
+    return _decide(x, lambda: _norm_eligible(x, delta, norm_weight, weight, bias), _norm_choice,
+                   (*weight.shape, x.dtype, x.device, "norm"), measure)
 
 
 def _norm_eligible(x, delta, norm_weight, weight, bias) -> bool:

@@ -44,10 +44,21 @@ def check_compatible(parts: list[dict], names: list[str]) -> None:
                                  f"{names[0]}'s {first['hardware'].get(key)!r}")
 
 
+def _partial_last_prompt(res: dict) -> tuple[str, str] | None:
+    """An interrupted part's last prompt (it may lack methods), else None."""
+    if not res.get("interrupted") or not res["records"]:
+        return None
+    last = res["records"][-1]
+    return last["subset"], last["id"]
+
+
 def _pick_records(parts: list[dict], names: list[str]) -> tuple[list[dict], list[dict]]:
     """(records tagged with their part, dropped prompts). A prompt measured in several parts
-    keeps the one part whose methods include every other part's methods on it (an interrupted
-    part's last prompt is partial; --skip-measured runs it again); else it is an error."""
+    keeps the one part whose methods include every other part's methods on it; failing
+    that, an interrupted part's partial last prompt yields to the parts that ran it again
+    (``--skip-measured`` reruns it with the methods still missing, possibly not the same
+    ones); anything else is an error."""
+    partial_last = [_partial_last_prompt(res) for res in parts]
     by_prompt: dict[tuple[str, str], dict[int, list[dict]]] = {}
     for i, res in enumerate(parts):
         for r in res["records"]:
@@ -58,6 +69,9 @@ def _pick_records(parts: list[dict], names: list[str]) -> tuple[list[dict], list
         if len(per_part) > 1:
             ran = {i: {r["method"] for r in recs} for i, recs in per_part.items()}
             complete = [i for i in ran if all(ran[j] <= ran[i] for j in ran)]
+            if len(complete) != 1:
+                whole = [i for i in ran if partial_last[i] != prompt]
+                complete = [i for i in whole if all(ran[j] <= ran[i] for j in whole)]
             if len(complete) != 1:
                 raise ValueError(f"prompt {prompt} was measured in {', '.join(names[i] for i in per_part)}; "
                                  "drop one of the parts (or run the later one with --skip-measured)")

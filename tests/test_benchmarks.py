@@ -118,6 +118,18 @@ def test_shards_and_skip_measured_merge_into_one_run(tmp_path):
     m2 = merge.merge([partial, *(json.loads(Path(f).read_text()) for f in files)], ["p", "a", "b", "c"])
     assert len(m2["records"]) == len(m["records"]) and m2["dropped_partial_prompts"] == [
         {"prompt": ["humaneval", "HumanEval/4"], "part": 0, "records": 1}]
+    # the partial prompt rerun with only the method it lacked (plus the reference): neither
+    # part's methods cover the other's, and the interrupted part's partial prompt yields
+    partial["interrupted"] = True
+    rerun = json.loads(Path(files[2]).read_text())
+    rerun["records"] = [r for r in rerun["records"] if r["method"] == "specdec_ngram"]
+    partial["records"] = [dict(r, method="hf_prompt_lookup_10") for r in partial["records"]] + partial["records"]
+    m3 = merge.merge([partial, rerun], ["p", "rerun"])
+    assert [r["method"] for r in m3["records"]] == ["specdec_ngram"] and m3["dropped_partial_prompts"] == [
+        {"prompt": ["humaneval", "HumanEval/4"], "part": 0, "records": 2}]
+    partial["interrupted"] = False  # not the partial last prompt of a stopped run: an error
+    with pytest.raises(ValueError, match="measured in p, rerun"):
+        merge.merge([partial, rerun], ["p", "rerun"])
     other = json.loads(Path(files[1]).read_text())
     other["settings"]["max_new_tokens"] = 7
     bad = tmp_path / "bad.json"

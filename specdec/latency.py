@@ -276,7 +276,7 @@ class LatencyModel:
                 return hit
         # a small cache (a runner made for short generations) holds the prefix and the trees
         # that fit; such a partial curve is used but not cached for bigger runners
-        capacity = int(getattr(runner, "max_length", 0) or 0) or None
+        capacity = getattr(runner, "max_length", None)
         prefix = MEASURE_PREFIX if capacity is None else max(1, min(MEASURE_PREFIX, capacity // 4))
         fits = [n for n in grid if capacity is None or prefix + n + 1 <= capacity]
         lm = cls.measure(runner_verify_fn(runner, prefix_len=prefix), fits, key=key,
@@ -286,8 +286,8 @@ class LatencyModel:
         if len(fits) == len(grid):
             lm.save(cls.cache_path(key, cache_dir))
         else:
-            log.debug("specdec: latency curve of %s measured up to %d nodes (cache capacity %s); not cached",
-                      key, fits[-1], capacity)
+            log.debug("specdec: latency curve of %s measured on %s nodes only (cache capacity %s); not cached",
+                      key, fits, capacity)
         return lm
 
 

@@ -262,9 +262,11 @@ class CompactModel(nn.Module):
     """Base of the compact models: HF-named parameters, a static KV cache, batch 1.
 
     Subclasses build ``self.model.{embed_tokens, layers, norm}`` and ``self.lm_head`` and
-    list the RoPE tables they need in ``rope_keys`` ({key: hf layer_type or None})."""
+    list the RoPE tables they need in ``rope_keys`` ({key: hf layer_type or None}), and set
+    ``final_softcap`` where the logits are soft-capped (Gemma)."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    final_softcap: float | None = None
 
     def __init__(self, config):
         super().__init__()
@@ -284,9 +286,6 @@ class CompactModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [m] -> [m, hidden]
         return self.model.embed_tokens(input_ids)
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:  # [m, hidden] -> [m, vocab]
-        return linear_ops.linear(h, self.lm_head.weight, self.lm_head.bias)
 
     # --- properties
     @property
@@ -369,9 +368,12 @@ class CompactModel(nn.Module):
         return self.head(x, delta)  # [m, vocab]
 
     def head(self, x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
-        """The final norm of x (+ delta, the last residual add) and the logits: [m, hidden] -> [m, vocab]."""
-        h = self.model.norm(x) if delta is None else self.model.norm.add_forward(x, delta)[0]
-        return self.logits(h)
+        """The final norm of x (+ delta, the last residual add) and the logits, soft-capped where
+        the model says so (Gemma): [m, hidden] -> [m, vocab]. For one row possibly one kernel
+        (``RMSNorm.linear``)."""
+        logits = self.model.norm.linear(x, delta, self.lm_head.weight, self.lm_head.bias)[0]
+        cap = self.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     # --- loading
     @classmethod

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import linear as linear_ops
 from .common import CompactModel, GatedMLP, RMSNorm, rope_unsupported
 from .llama import Attention
 
@@ -78,9 +77,3 @@ class Gemma3Compact(CompactModel):
         if scale is None:
             scale = self._scale_cache[x.dtype] = float(torch.tensor(self.embed_scale, dtype=x.dtype))
         return x * scale
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:  # [m, hidden] -> [m, vocab]
-        logits = linear_ops.linear(h, self.lm_head.weight, self.lm_head.bias)
-        if self.final_softcap is not None:
-            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
-        return logits

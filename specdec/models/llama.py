@@ -115,7 +115,3 @@ class LlamaCompact(CompactModel):
         if config.model_type not in cls.model_types:
             return f"model_type {config.model_type!r}"
         return rope_unsupported(config)
-
-    def head(self, x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:  # [m, hidden] -> [m, vocab]
-        """The final norm handed to the lm_head projection (one kernel for one row)."""
-        return self.model.norm.linear(x, delta, self.lm_head.weight, self.lm_head.bias)[0]

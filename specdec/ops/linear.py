@@ -68,8 +68,6 @@ def _fastest(what: str, baseline: str, run_baseline, run_config, weight: torch.T
 def _decide(x: torch.Tensor, eligible, table: dict, key: tuple, measure) -> tuple | None:
     """The GEMV config for a one-row call (None: the baseline): ``SPECDEC_GEMV`` first, then
     ``table[key]``, measured once (``measure()``) outside a CUDA-graph capture."""
-    if x.dim() != 2 or x.shape[0] != 1:  # (every verify forward and prefill: decided before any lookup)
-        return None
     mode = _mode()
     if mode == "0" or not eligible():
         return None
@@ -107,9 +105,14 @@ def choices() -> dict[str, str]:
     return out
 
 
+def _one_row(x: torch.Tensor) -> bool:
+    """Plain decoding's shape; every verify forward and prefill is decided here, before any lookup."""
+    return x.dim() == 2 and x.shape[0] == 1
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """[m, K] x [N, K] (+ [N]) -> [m, N], as ``F.linear``."""
-    cfg = _config_for(x, weight, bias)
+    cfg = _config_for(x, weight, bias) if _one_row(x) else None
     if cfg is None:
         return F.linear(x, weight, bias)
     from ..kernels import gemv as kernel
@@ -165,7 +168,7 @@ def norm_linear(x: torch.Tensor,                # [m, K] the residual stream
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(linear(rms_norm(x + delta)) [m, N], x + delta [m, K] (x when delta is None)): for
     one row possibly one fused kernel, otherwise ``ops.norm`` then ``linear`` as before."""
-    cfg = _norm_config_for(x, delta, norm_weight, eps, offset, weight, bias)
+    cfg = _norm_config_for(x, delta, norm_weight, eps, offset, weight, bias) if _one_row(x) else None
     if cfg is None:
         return _unfused(x, delta, norm_weight, eps, offset, weight, bias)
     return _fused(x, delta, norm_weight, eps, offset, weight, bias, cfg)

@@ -8,7 +8,10 @@ Runs ``specdec.generate`` with every fixed ``TreeBudget(max_nodes, max_depth)`` 
 ``adaptive=BudgetController`` (one controller for the whole run, so it learns across
 prompts; its verify-latency curve is measured once and cached under
 ``~/.cache/specdec/latency/``). Methods run interleaved per prompt, after an excluded
-warm-up. Greedy outputs must all be identical (checked). Writes JSON + Markdown with
+warm-up; with ``--repeats R`` each prompt runs every setting R times (the order rotated
+each round) and the round with the median decode time counts, so that one stray pause
+(a garbage collection, another process) does not decide a ratio. Greedy outputs must all
+be identical (checked). Writes JSON + Markdown with
 tokens/s and mean accepted length per dataset -- adaptive vs the best, worst and
 default (``TreeBudget()``) fixed settings -- into benchmarks/results/<date>-<device>/.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import gc
 import json
 import shlex
 import sys
@@ -56,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", default='{"adaptive": {}}',
                    help='JSON {name: BudgetController options}: the adaptive methods to run, e.g. '
                         '\'{"adaptive": {}, "adaptive-ctx3": {"context_levels": 3}}\'')
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds of every setting per prompt (order rotated); the median-time round counts")
     p.add_argument("--no-latency-sweep", action="store_true", help="learn verify latency online only")
     p.add_argument("--latency-grid", default="0,1,2,4,8,16,32,64,128", help="tree sizes the latency sweep times")
     p.add_argument("--dtype", default=None, choices=sorted(models.DTYPES))
@@ -115,6 +121,7 @@ def run_one(runner, ids, drafter, *, max_new_tokens, eos, budget=None, controlle
     import specdec
 
     sync = torch.cuda.synchronize if torch.device(runner.device).type == "cuda" else (lambda: None)
+    gc.collect()  # (not inside the timed run)
     sync()
     t0 = time.perf_counter()
     kw = {"adaptive": controller} if controller is not None else {"budget": budget}
@@ -126,6 +133,12 @@ def run_one(runner, ids, drafter, *, max_new_tokens, eos, budget=None, controlle
             "new_tokens": s.new_tokens, "steps": s.steps, "accepted": sum(s.accepted_per_step),
             "tree_nodes": sum(s.tree_sizes), "budgets": list(s.budgets), "draft_s": s.draft_time_s,
             "verify_s": s.verify_time_s, "update_s": s.update_time_s, "control_s": s.control_time_s}
+
+
+def median_round(rounds: list[dict]) -> dict:
+    """The round with the median decode time (the lower middle one of an even count)."""
+    ordered = sorted(rounds, key=lambda r: r["wall_s"] - r["prefill_s"])
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def summarise(records: list[dict], methods: list[str], default: str, adaptive=(ADAPTIVE,)) -> dict:
@@ -163,7 +176,8 @@ def markdown(results: dict) -> str:
     hw = results["hardware"]
     lines = [f"# Adaptive drafting sweep: {s['model']['name']}, drafter `{s['drafter']}`", "",
              f"{hw['device_name']} ({hw['device']}), {s['dtype']}, batch 1, greedy, max_new_tokens "
-             f"{s['max_new_tokens']}, prompts per dataset <= {s['limit']}; torch {results['versions']['torch']}, "
+             f"{s['max_new_tokens']}, prompts per dataset <= {s['limit']}"
+             + (f", median of {s['repeats']} rounds per prompt" if s.get('repeats', 1) > 1 else "") + f"; torch {results['versions']['torch']}, "
              f"transformers {results['versions']['transformers']}; {results['date']}.", "",
              f"Fixed budgets: {', '.join(s['fixed'])}; default `{s['default_fixed']}` (TreeBudget()). Adaptive: "
              f"BudgetController over max_nodes {s['controller_grid']}, latency curve "
@@ -285,11 +299,16 @@ def main(argv=None, *, model=None, tokenizer=None) -> int:
     done = 0
     for subset, items in prompts.items():
         for p in items:
-            ref = None
+            rounds: dict[str, list[dict]] = {m: [] for m in methods}
+            for k in range(max(1, args.repeats)):
+                for m in methods[k % len(methods):] + methods[:k % len(methods)]:  # rotated per round
+                    rounds[m].append(go(m, p.prompt_ids, args.max_new_tokens))
+            ref = rounds[methods[0]][0]["tokens"]
             for m in methods:
-                r = go(m, p.prompt_ids, args.max_new_tokens)
-                ref = r["tokens"] if ref is None else ref
-                records.append({"method": m, "subset": subset, "id": p.id, "match": r["tokens"] == ref,
+                r = median_round(rounds[m])
+                records.append({"method": m, "subset": subset, "id": p.id,
+                                "match": all(x["tokens"] == ref for x in rounds[m]), "rounds": len(rounds[m]),
+                                "decode_s_rounds": [x["wall_s"] - x["prefill_s"] for x in rounds[m]],
                                 **{k: v for k, v in r.items() if k != "tokens"}})
             done += 1
             print(f"{done}/{total} {subset} {p.id}", flush=True)
@@ -304,6 +323,7 @@ def main(argv=None, *, model=None, tokenizer=None) -> int:
         "fixed": [label(b) for b in fixed], "default_fixed": label(default), "controller_grid": grid,
         "controller_max_depth": max_depth, "latency_measured": latency is not None,
         "drafter_controller": not args.no_drafter_controller, "variants": variants, "order": "interleaved per prompt",
+        "repeats": max(1, args.repeats),
         "warmup": "one 8-token run per setting, excluded", "sweep_s": time.perf_counter() - t_start},
         "latency": {k: c.latency.to_json() for k, c in controllers.items() if c.latency is not None},
         "summary": summarise(records, methods, label(default), tuple(variants)), "records": records}

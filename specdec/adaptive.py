@@ -178,6 +178,8 @@ class _Stats:
         self.choose_cost = 0.0  # seconds of the last full decision
         self.control_cost: float | None = None  # EMA of seconds per decision + observation
         self.step_cost: float | None = None  # EMA of seconds per step (draft side + verify)
+        self.verify_cost: float | None = None  # EMA of seconds per verify
+        self.overlapped = False  # the caller runs the controller while the device verifies
 
     def decay(self, g: float) -> None:
         for v in (self.M, self.R, self.XtX, self.Xty):
@@ -243,8 +245,10 @@ class BudgetController:
                 stays under this share of a step: when it would not, it decides and learns
                 only every k-th step (k <= ``max_stride``; steps picked by count, so the
                 sample is unbiased) and keeps its last choice in between. On a CPU (steps of
-                ~100 ms) k = 1; on an H200 (steps of 2-3 ms, ~0.3 ms of controller) k ~ 4.
-                0 = every step.
+                ~100 ms) k = 1; on an H200 (steps of 2-3 ms, ~0.3 ms of controller) k ~ 4 if
+                it ran between steps, but ``generate`` runs it on a GPU while the verify forward
+                is in flight (``observe(overlapped=True)``): there k = 1 while it takes under
+                half a verify. 0 = every step.
     length_bands: keep the arm statistics per band of sequence lengths (< 256, < 1024,
                 < 4096 tokens, ...; ``generate`` reports the length each step): a step over a
                 700-token context costs and accepts differently from one over 100, and
@@ -369,17 +373,23 @@ class BudgetController:
 
     def observe(self, key: str, tree_size: int, accepted: int, draft_time: float, verify_time: float, *,
                 tree: TokenTree | None = None, accepted_nodes: Sequence[int] | None = None,
-                budget: TreeBudget | None = None, depth: int | None = None, timed: bool = True) -> None:
+                budget: TreeBudget | None = None, depth: int | None = None, timed: bool = True,
+                overlapped: bool = False) -> None:
         """Record one step. ``budget``: the budget the drafter was given (default: the
         last choice); with ``tree`` and ``accepted_nodes`` every arm the step reveals is
         updated (smaller ones by truncation) and the calibrators learn. ``timed=False``:
         the step's times are not samples of a step's cost (it captured a CUDA graph, or
-        measured a kernel choice): the acceptance is learned, the times are not."""
+        measured a kernel choice): the acceptance is learned, the times are not.
+        ``overlapped``: the caller runs the controller while the device verifies (``generate``
+        on a GPU), so its time is hidden as long as it stays under the verify's."""
         st = self._state(self._arms_key(key))
         st.steps += 1
         step = float(draft_time) + float(verify_time)
         if timed:
             st.step_cost = step if st.step_cost is None else 0.9 * st.step_cost + 0.1 * step
+            v = float(verify_time)
+            st.verify_cost = v if st.verify_cost is None else 0.9 * st.verify_cost + 0.1 * v
+        st.overlapped = overlapped
         if st.steps > self.warmup and st.since_observe + 1 < st.stride:
             st.since_observe += 1
             return
@@ -426,6 +436,9 @@ class BudgetController:
         st.control_cost = cost if st.control_cost is None else 0.9 * st.control_cost + 0.1 * cost
         if self.max_control_share <= 0 or self.context_levels > 1 or not st.step_cost:
             st.stride = 1  # (contexts need every step's outcome)
+            return
+        if st.overlapped and st.verify_cost and st.control_cost <= 0.5 * st.verify_cost:
+            st.stride = 1  # hidden behind the device's verify: free
             return
         want = math.ceil(st.control_cost / (self.max_control_share * st.step_cost))
         st.stride = int(min(self.max_stride, max(1, want)))

@@ -233,6 +233,13 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
     base_counts = torch.bincount(prompt, minlength=runner.vocab_size).float().to(device) \
         if sp.has_penalties else None
     stop = max_new_tokens == 0
+    # On a GPU the verify forward runs asynchronously until acceptance reads its result: the
+    # controller learns from step s - 1 and picks step s + 1's budget in that window, so its
+    # host time hides behind the GPU's (a one-step lag; not with per-context choices, which
+    # need the last step's outcome). On a CPU it runs between steps.
+    overlap = _overlap_control(controller, device)
+    pending: dict | None = None  # the last step, waiting to be observed
+    chosen_ahead: TreeBudget | None = None  # the next step's budget, chosen during a verify
     while not stop:
         t_step = time.perf_counter()
         remaining = max_new_tokens - stats.new_tokens
@@ -242,7 +249,9 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
             break
         if controller is not None:
             controller.set_sequence_length(len(tokens))  # (for length_bands)
-        if choosing:
+        if choosing and chosen_ahead is not None:
+            chosen, chosen_ahead = chosen_ahead, None
+        elif choosing:
             t_choose = time.perf_counter()
             chosen = controller.choose(key)
             stats.control_time_s += time.perf_counter() - t_choose
@@ -267,6 +276,13 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
         pos = (L + torch.cat([torch.zeros(1, dtype=torch.long), tree.depth.cpu()])).to(device)
         captures = getattr(runner, "captures", 0)  # a step that captures a CUDA graph is no timing sample
         logits = runner.forward(inp, pos, tree_mask=mask_r.to(device))[:, :runner.vocab_size]  # [n+1, V]
+        if pending is not None:  # (overlap) the GPU verifies; the host learns from the last step
+            t_ctl = time.perf_counter()
+            controller.observe(**pending)
+            pending = None
+            if choosing:
+                chosen_ahead = controller.choose(key)
+            stats.control_time_s += time.perf_counter() - t_ctl
         counts = context_counts(base_counts, tree.to(device)) if sp.has_penalties else None
         processed = process(logits, sp, counts, check_nan=False)  # NaNs: checked in accept_*
         if sp.do_sample:
@@ -302,14 +318,25 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
             # (drafting, the drafter's update, bookkeeping) counts on the drafting side. On a GPU
             # that is no detail: in an H200 bf16 sweep steps took ~1 ms more than draft + verify.
             other = time.perf_counter() - t_step - (t2 - t1)
-            controller.observe(key, n, len(acc.accepted_nodes), other, t2 - t1, tree=tree,
-                               accepted_nodes=acc.accepted_nodes, budget=arm_budget,
-                               timed=getattr(runner, "captures", 0) == captures)
-            stats.control_time_s += time.perf_counter() - t4
+            step = dict(key=key, tree_size=n, accepted=len(acc.accepted_nodes), draft_time=other,
+                        verify_time=t2 - t1, tree=tree, accepted_nodes=acc.accepted_nodes, budget=arm_budget,
+                        timed=getattr(runner, "captures", 0) == captures, overlapped=overlap)
+            if overlap and not stop:
+                pending = step  # observed during the next step's verify forward
+            else:
+                controller.observe(**step)
+                stats.control_time_s += time.perf_counter() - t4
+    if pending is not None:  # (the loop stopped at the context's end)
+        controller.observe(**pending)
     if streamer is not None:
         streamer.end()
     stats.total_time_s = time.perf_counter() - t_start
     return GenerationOutput(torch.tensor(tokens, device=prompt.device)[None], stats)
+
+
+def _overlap_control(controller, device) -> bool:
+    """Whether the controller runs while the device verifies (see ``generate``)."""
+    return controller is not None and torch.device(device).type == "cuda" and controller.context_levels <= 1
 
 
 def _fit(tree: TokenTree, budget: TreeBudget, vocab: int) -> TokenTree:

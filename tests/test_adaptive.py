@@ -610,6 +610,46 @@ def test_adaptive_generate_is_lossless(kind):
         assert _SHARED[model]._state(_SHARED[model]._arms_key("ModelDrafter")).steps == out.stats.steps
 
 
+@pytest.mark.parametrize("kind", ["chain", "ngram"])
+def test_overlapped_control_is_lossless_and_sees_every_step(kind, monkeypatch):
+    """On a GPU ``generate`` observes step s - 1 and chooses step s + 1 while step s
+    verifies; forced on here (CPU), the output must not change and no step may be lost."""
+    import sys
+
+    gen = sys.modules["specdec.generate"]  # (the package's ``generate`` is the function)
+    monkeypatch.setattr(gen, "_overlap_control", lambda controller, device: controller is not None)
+    model = tiny_model("llama", seed=0)
+    ctl = BudgetController(warmup=2)
+    if kind == "chain":
+        drafter = specdec.ModelDrafter(tiny_model("llama", layers=1, seed=1), gamma=5, controller=ctl)
+        ids = _ids(11)
+    else:
+        drafter, ids = specdec.NgramDrafter(), torch.tensor([[5, 6, 7, 8, 9] * 4])
+    key, steps = specdec.adaptive.drafter_key(drafter), 0
+    for n_new in (40, 1, 17):
+        out = specdec.generate(model, ids, drafter=drafter, max_new_tokens=n_new, eos_token_id=None, adaptive=ctl)
+        assert out.sequences.tolist() == hf_greedy(model, ids, n_new).tolist()
+        steps += out.stats.steps
+        st = ctl._state(ctl._arms_key(key))
+        assert st.steps == steps and st.overlapped  # every step observed, the last one too
+        assert len(out.stats.budgets) == out.stats.steps and out.stats.control_time_s > 0.0
+
+
+def test_overlapped_controller_keeps_stride_one_while_hidden():
+    ctl = _BudgetController(grid=(1, 4), warmup=0, max_control_share=0.01)
+    st = ctl._state("k")
+    st.step_cost, st.verify_cost = 1e-3, 0.8e-3
+    st.overlapped = True
+    ctl._update_stride(st, 0.2e-3)  # 20% of a step, but under half the verify: hidden
+    assert st.stride == 1
+    st.control_cost = None
+    ctl._update_stride(st, 0.6e-3)  # more than half the verify: strided as between steps
+    assert st.stride == 8
+    st.overlapped, st.control_cost = False, None
+    ctl._update_stride(st, 0.2e-3)
+    assert st.stride == 8  # (0.2 ms is 20x its 1% share of a 1 ms step; capped at max_stride)
+
+
 def test_fixed_budget_pins_and_sampling_still_runs():
     model = tiny_model("llama", seed=0)
     draft = tiny_model("llama", layers=1, seed=1)
@@ -649,7 +689,7 @@ def test_sweep_adaptive_smoke(tmp_path, monkeypatch):
     out = tmp_path / "out"
     rc = main(["--datasets", "humaneval,gsm8k", "--data-dir", str(data), "--limit", "1", "--max-new-tokens", "8",
                "--nodes", "1,4", "--depths", "4", "--latency-grid", "0,4,16", "--device", "cpu", "--out", str(out),
-               "--variants", '{"adaptive": {}, "adaptive-ctx3": {"context_levels": 3}}'],
+               "--repeats", "2", "--variants", '{"adaptive": {}, "adaptive-ctx3": {"context_levels": 3}}'],
               model=tiny_model("llama"))
     assert rc == 0
     [js] = out.glob("sweep_adaptive_*.json")
@@ -663,6 +703,20 @@ def test_sweep_adaptive_smoke(tmp_path, monkeypatch):
     md = js.with_suffix(".md").read_text()
     assert "adaptive / best" in md and "| humaneval | adaptive-ctx3 |" in md
     assert list((tmp_path / "cache" / "latency").glob("*.json"))
+    assert res["settings"]["repeats"] == 2 and all(r["rounds"] == 2 for r in res["records"])
+    assert "median of 2 rounds" in md
+
+
+def test_sweep_median_round():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.sweep_adaptive import median_round
+
+    rounds = [{"wall_s": w, "prefill_s": 0.5, "k": i} for i, w in enumerate([3.0, 1.0, 9.0, 2.0])]
+    assert median_round(rounds)["k"] == 3  # decode times 2.5, 0.5, 8.5, 1.5: the lower middle is 1.5
+    assert median_round(rounds[:3])["k"] == 0 and median_round(rounds[:1])["k"] == 0
 
 
 def test_attach_measures_the_curve_once_where_asked(tmp_path, monkeypatch):

@@ -18,7 +18,8 @@
 # sweep      benchmarks/sweep_adaptive.py on the real SmolLM2 in bf16 (adaptive vs fixed budgets)
 # gemma-bf16 / gemma-t07  real-bf16 / real-t07 on Gemma-3-270M (SPECDEC_GEMMA_GGUF)
 # Set LIMIT / PER_CATEGORY / NEW_TOKENS to size the benchmark runs (defaults 5 / 2 / 128),
-# METHODS to replace the benchmark methods, TAG to name the latency files (default: the GPU's model).
+# METHODS to replace the benchmark methods, SWEEP_DRAFTER / SWEEP_NODES / SWEEP_LIMIT /
+# SWEEP_REPEATS for the sweep, TAG to name the latency files (default: the GPU's model).
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUT STAGE...}; shift
 mkdir -p "$out"
@@ -77,8 +78,9 @@ print(torch.__version__, triton.__version__, transformers.__version__, backend.d
       timeout "${SWEEP_TIMEOUT:-280}" python -m benchmarks.sweep_adaptive --model "$SPECDEC_SMOLLM2_GGUF" --device cuda \
         --dtype bfloat16 --data-dir "$data" --datasets "${SWEEP_DATASETS:-humaneval,gsm8k,mbpp,spec_bench}" \
         --limit "${SWEEP_LIMIT:-3}" --max-new-tokens "$new" --drafter "${SWEEP_DRAFTER:-ngram+recycling}" \
-        --nodes "${SWEEP_NODES:-1,4,16,64}" --depths 8 --tag "$tag" --out "$out/sweep" > "$out/sweep.log" 2>&1
-      echo "sweep rc=$?"; tail -30 "$out/sweep.log" ;;
+        --nodes "${SWEEP_NODES:-1,4,16,64}" --depths 8 --repeats "${SWEEP_REPEATS:-1}" --tag "$tag" \
+        --out "$out/sweep" > "$out/sweep-${SWEEP_DRAFTER:-ngram+recycling}.log" 2>&1
+      echo "sweep rc=$?"; tail -30 "$out/sweep-${SWEEP_DRAFTER:-ngram+recycling}.log" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   echo "[$stage: $(( $(date +%s) - t0 )) s]"

@@ -93,6 +93,7 @@ class LatencyModel:
         self.key, self.lr, self.scale_lr, self.meta = key, float(lr), float(scale_lr), dict(meta or {})
         self.scale = 1.0  # the load right now relative to the curve (outside load on a shared machine)
         self._known_xy: tuple[np.ndarray, np.ndarray] | None = None  # cache of _known(); reset on change
+        self._known_py: tuple[list[float], list[float]] | None = None  # the same as lists
 
     # -- construction
     @classmethod
@@ -151,8 +152,31 @@ class LatencyModel:
         return self.scale * self.shape(n)
 
     def shape(self, n: float) -> float:
-        """The curve itself (seconds at load scale 1)."""
-        return float(self._shape_many(np.array([n], dtype=np.float64))[0])
+        """The curve itself (seconds at load scale 1); ``_shape_many`` for one size, in plain
+        Python (the controller asks it every step, where numpy's per-call cost dominates)."""
+        x, y = self._known_lists()
+        if not x:
+            return 0.0
+        n = float(n)
+        if n < x[0]:
+            floor = y[0] * (n + 1) / (x[0] + 1)
+            if len(x) == 1:
+                return floor
+            slope = max((y[1] - y[0]) / (x[1] - x[0]), 0.0)
+            return max(y[0] - slope * (x[0] - n), floor)
+        if n >= x[-1]:
+            if len(x) == 1:
+                return y[0]
+            return y[-1] + max((y[-1] - y[-2]) / (x[-1] - x[-2]), 0.0) * (n - x[-1])
+        i = bisect.bisect_right(x, n)  # x[i - 1] <= n < x[i]
+        w = (n - x[i - 1]) / (x[i] - x[i - 1])
+        return y[i - 1] + w * (y[i] - y[i - 1])
+
+    def _known_lists(self) -> tuple[list[float], list[float]]:
+        if self._known_py is None:
+            x, y = self._known()
+            self._known_py = (x.tolist(), y.tolist())
+        return self._known_py
 
     def predict_many(self, ns) -> np.ndarray:
         """``predict`` of every size in ``ns`` at once (what the controller asks each step)."""
@@ -207,18 +231,17 @@ class LatencyModel:
             else:  # at most halved per observation: an outlier at a neighbour (a CUDA graph
                 # captured during the step) must not drive a grid time to zero or below
                 self.times[j] = max(self.times[j] + self.lr * w * r, 0.5 * self.times[j])
-        self._known_xy = None  # (a new grid point enters as NaN: _known was valid until here)
+        self._known_xy = self._known_py = None  # (a new grid point enters as NaN: _known was valid until here)
 
     def _growth_cap(self, n: int) -> float:
         """The most a first sight of size ``n`` may start at: proportional growth in n + 1
         from the nearest known smaller size (a verify step is never worse than linear in
         tree size), so one slow step (a CUDA graph captured in it) cannot set the curve."""
-        x, y = self._known()
-        below = x <= n
-        if not below.any():
+        x, y = self._known_lists()
+        i = bisect.bisect_right(x, n) - 1  # the largest known size <= n
+        if i < 0:
             return math.inf
-        i = int(np.nonzero(below)[0][-1])
-        return float(y[i] * (n + 1) / (x[i] + 1))
+        return y[i] * (n + 1) / (x[i] + 1)
 
     # -- persistence
     def to_json(self) -> dict:

@@ -460,6 +460,21 @@ def test_latency_fit_predict_and_online_update():
     assert online.sizes[-1] == 300 and online.predict(300) == pytest.approx(0.1)
 
 
+def test_latency_scalar_shape_matches_the_array_path_and_solve3():
+    rng = np.random.default_rng(0)
+    curves = [LatencyModel([0, 1, 4, 16, 64], [1.0, 1.2, 1.3, 2.0, 5.0]), LatencyModel([8], [2.0]),
+              LatencyModel([4, 16], [1.0, 0.8]), LatencyModel(), LatencyModel([0, 2, 8], [1.0, float("nan"), 3.0])]
+    for lm in curves:
+        for n in [0, 0.5, 1, 3, 4, 7.5, 8, 16, 63, 64, 100, 300] + rng.uniform(0, 200, 20).tolist():
+            assert lm.shape(n) == pytest.approx(float(lm._shape_many(np.array([n]))[0]), rel=1e-12, abs=1e-15)
+    from specdec.adaptive import _solve3
+
+    for _ in range(200):
+        x = rng.normal(size=(12, 3))
+        a, b = x.T @ x + 1e-3 * np.eye(3), rng.normal(size=3)
+        assert np.allclose(_solve3(a, b), np.linalg.solve(a, b), rtol=1e-8, atol=1e-10)
+
+
 def test_latency_outlier_never_makes_a_time_non_positive():
     """A first sight of a grid point during a slow step (e.g. a CUDA graph captured then),
     followed by fast steps between it and its neighbour, used to push the neighbour's time

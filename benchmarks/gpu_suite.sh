@@ -15,11 +15,13 @@
 # real-fp32  benchmarks.run on the real SmolLM2, fp32: speed and exact match vs transformers
 # real-bf16  the same in bf16, exact match vs specdec's own plain decoding
 # real-t07   the same in bf16 sampled at temperature 0.7 (speed and tau; no exact match)
-# sweep      benchmarks/sweep_adaptive.py on the real SmolLM2 in bf16 (adaptive vs fixed budgets)
+# sweep      benchmarks/sweep_adaptive.py on the real SmolLM2 in bf16 (adaptive vs fixed budgets;
+#            SWEEP_DTYPE=float32: every setting's greedy output identical, so per-dataset rows
+#            compare the same text, which bf16 near-ties do not guarantee)
 # gemma-bf16 / gemma-t07  real-bf16 / real-t07 on Gemma-3-270M (SPECDEC_GEMMA_GGUF)
 # Set LIMIT / PER_CATEGORY / NEW_TOKENS to size the benchmark runs (defaults 5 / 2 / 128),
 # METHODS to replace the benchmark methods, SWEEP_DRAFTER / SWEEP_NODES / SWEEP_LIMIT /
-# SWEEP_REPEATS for the sweep, TAG to name the latency files (default: the GPU's model).
+# SWEEP_REPEATS / SWEEP_DTYPE for the sweep, TAG to name the latency files (default: the GPU's model).
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUT STAGE...}; shift
 mkdir -p "$out"
@@ -76,7 +78,7 @@ print(torch.__version__, triton.__version__, transformers.__version__, backend.d
     gemma-t07) bench "$SPECDEC_GEMMA_GGUF" bfloat16 hf_greedy gemma-bf16-t07 0.7 ;;
     sweep)
       timeout "${SWEEP_TIMEOUT:-280}" python -m benchmarks.sweep_adaptive --model "$SPECDEC_SMOLLM2_GGUF" --device cuda \
-        --dtype bfloat16 --data-dir "$data" --datasets "${SWEEP_DATASETS:-humaneval,gsm8k,mbpp,spec_bench}" \
+        --dtype "${SWEEP_DTYPE:-bfloat16}" --data-dir "$data" --datasets "${SWEEP_DATASETS:-humaneval,gsm8k,mbpp,spec_bench}" \
         --limit "${SWEEP_LIMIT:-3}" --max-new-tokens "$new" --drafter "${SWEEP_DRAFTER:-ngram+recycling}" \
         --nodes "${SWEEP_NODES:-1,4,16,64}" --depths 8 --repeats "${SWEEP_REPEATS:-1}" --tag "$tag" \
         --out "$out/sweep" > "$out/sweep-${SWEEP_DRAFTER:-ngram+recycling}.log" 2>&1

@@ -207,7 +207,9 @@ def markdown(results: dict) -> str:
                          f"| {f(d.get('mean_accepted_length'), '{:.2f}')} | {f(ratio(a, b), '{:.2f}x')} "
                          f"| {f(ratio(a, d), '{:.2f}x')} | {all(r['exact_match'] for r in rows.values())} |")
     lines += ["", "## Every setting", "", "Seconds over the whole dataset: draft = propose, update = the drafter's "
-              "update, control = the controller, other = the rest of the decode loop.", "",
+              "update, control = the controller, other = the rest of the decode loop (on a GPU the "
+              "controller mostly runs while the verify forward is in flight, so its time is also inside "
+              "verify and other can be negative).", "",
               "| dataset | setting | tok/s | tau | mean tree | draft s | verify s | update s | control s | other s |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for group, g in results["summary"].items():

@@ -28,7 +28,8 @@ class GenerationStats:
     draft_time_s: float = 0.0  # drafter.propose (and the budget checks on its tree)
     verify_time_s: float = 0.0  # the target's forward, acceptance, KV compaction
     update_time_s: float = 0.0  # drafter.update after each verification
-    control_time_s: float = 0.0  # the adaptive controller's choose + observe
+    control_time_s: float = 0.0  # the adaptive controller's choose + observe (on a GPU mostly run
+    # while the verify forward is in flight, so that part is inside verify_time_s too)
     prefill_time_s: float = 0.0
     total_time_s: float = 0.0
 

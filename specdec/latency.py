@@ -92,8 +92,7 @@ class LatencyModel:
             raise ValueError("LatencyModel: one time per size")
         self.key, self.lr, self.scale_lr, self.meta = key, float(lr), float(scale_lr), dict(meta or {})
         self.scale = 1.0  # the load right now relative to the curve (outside load on a shared machine)
-        self._known_xy: tuple[np.ndarray, np.ndarray] | None = None  # cache of _known(); reset on change
-        self._known_py: tuple[list[float], list[float]] | None = None  # the same as lists
+        self._known_xy: tuple[list[float], list[float]] | None = None  # cache of _known(); reset on change
 
     # -- construction
     @classmethod
@@ -134,13 +133,11 @@ class LatencyModel:
         return cls(grid, ys.tolist(), **kw)
 
     # -- use
-    def _known(self) -> tuple[np.ndarray, np.ndarray]:
+    def _known(self) -> tuple[list[float], list[float]]:
         """(sizes, times) of the grid points measured so far (cached until the next change)."""
         if self._known_xy is None:
-            x = np.array(self.sizes, dtype=np.float64)
-            y = np.array(self.times, dtype=np.float64)
-            ok = ~np.isnan(y)
-            self._known_xy = (x[ok], y[ok])
+            pairs = [(float(n), t) for n, t in zip(self.sizes, self.times) if t == t]  # (t == t: not NaN)
+            self._known_xy = ([n for n, _ in pairs], [t for _, t in pairs])
         return self._known_xy
 
     @property
@@ -151,10 +148,16 @@ class LatencyModel:
         """Seconds for a verify of ``n`` nodes under the current load (0.0 while nothing is known)."""
         return self.scale * self.shape(n)
 
+    def predict_many(self, ns) -> np.ndarray:
+        """``predict`` of every size in ``ns`` (what the controller asks each step)."""
+        return np.array([self.scale * self.shape(n) for n in np.asarray(ns, dtype=np.float64).tolist()])
+
     def shape(self, n: float) -> float:
-        """The curve itself (seconds at load scale 1); ``_shape_many`` for one size, in plain
-        Python (the controller asks it every step, where numpy's per-call cost dominates)."""
-        x, y = self._known_lists()
+        """The curve itself (seconds at load scale 1): piecewise-linear between measured sizes,
+        linear past the largest; below the smallest optimistic, never below proportional to
+        n + 1. Plain Python: the controller asks it every step, for a handful of sizes, where
+        numpy's per-call cost would dominate."""
+        x, y = self._known()
         if not x:
             return 0.0
         n = float(n)
@@ -171,33 +174,6 @@ class LatencyModel:
         i = bisect.bisect_right(x, n)  # x[i - 1] <= n < x[i]
         w = (n - x[i - 1]) / (x[i] - x[i - 1])
         return y[i - 1] + w * (y[i] - y[i - 1])
-
-    def _known_lists(self) -> tuple[list[float], list[float]]:
-        if self._known_py is None:
-            x, y = self._known()
-            self._known_py = (x.tolist(), y.tolist())
-        return self._known_py
-
-    def predict_many(self, ns) -> np.ndarray:
-        """``predict`` of every size in ``ns`` at once (what the controller asks each step)."""
-        return self.scale * self._shape_many(np.asarray(ns, dtype=np.float64))
-
-    def _shape_many(self, ns: np.ndarray) -> np.ndarray:
-        """The curve at sizes ``ns``: piecewise-linear between measured sizes, linear past
-        the largest; below the smallest optimistic, never below proportional to n + 1."""
-        x, y = self._known()
-        if x.size == 0:
-            return np.zeros_like(ns)
-        out = np.interp(ns, x, y)
-        lo = ns < x[0]
-        if lo.any():
-            floor = y[0] * (ns[lo] + 1) / (x[0] + 1)
-            slope = max((y[1] - y[0]) / (x[1] - x[0]), 0.0) if x.size > 1 else math.inf
-            out[lo] = np.maximum(y[0] - slope * (x[0] - ns[lo]), floor)
-        hi = ns > x[-1]
-        if x.size > 1 and hi.any():
-            out[hi] = y[-1] + max((y[-1] - y[-2]) / (x[-1] - x[-2]), 0.0) * (ns[hi] - x[-1])
-        return out
 
     def observe(self, n: int, t: float) -> None:
         """Online refinement from one observed verify of ``n`` nodes that took ``t`` s:
@@ -231,13 +207,13 @@ class LatencyModel:
             else:  # at most halved per observation: an outlier at a neighbour (a CUDA graph
                 # captured during the step) must not drive a grid time to zero or below
                 self.times[j] = max(self.times[j] + self.lr * w * r, 0.5 * self.times[j])
-        self._known_xy = self._known_py = None  # (a new grid point enters as NaN: _known was valid until here)
+        self._known_xy = None  # (a new grid point enters as NaN: _known was valid until here)
 
     def _growth_cap(self, n: int) -> float:
         """The most a first sight of size ``n`` may start at: proportional growth in n + 1
         from the nearest known smaller size (a verify step is never worse than linear in
         tree size), so one slow step (a CUDA graph captured in it) cannot set the curve."""
-        x, y = self._known_lists()
+        x, y = self._known()
         i = bisect.bisect_right(x, n) - 1  # the largest known size <= n
         if i < 0:
             return math.inf

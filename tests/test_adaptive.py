@@ -2,6 +2,7 @@
 latency model + cache, dynamic trees, and losslessness with adaptive budgets on."""
 import heapq
 import json
+import math
 import random
 from collections import Counter
 
@@ -460,13 +461,31 @@ def test_latency_fit_predict_and_online_update():
     assert online.sizes[-1] == 300 and online.predict(300) == pytest.approx(0.1)
 
 
-def test_latency_scalar_shape_matches_the_array_path_and_solve3():
+def _reference_shape(lm, n):
+    """The verify-latency curve as documented, with numpy: np.interp between measured sizes,
+    linear past the largest, below the smallest optimistic but never below proportional to
+    n + 1."""
+    t = np.array(lm.times, dtype=np.float64)
+    x, y = np.array(lm.sizes, dtype=np.float64)[~np.isnan(t)], t[~np.isnan(t)]
+    if x.size == 0:
+        return 0.0
+    if n < x[0]:
+        slope = max((y[1] - y[0]) / (x[1] - x[0]), 0.0) if x.size > 1 else math.inf
+        return max(y[0] - slope * (x[0] - n), y[0] * (n + 1) / (x[0] + 1))
+    if n > x[-1] and x.size > 1:
+        return y[-1] + max((y[-1] - y[-2]) / (x[-1] - x[-2]), 0.0) * (n - x[-1])
+    return float(np.interp(n, x, y))
+
+
+def test_latency_shape_matches_the_reference_and_solve3():
     rng = np.random.default_rng(0)
     curves = [LatencyModel([0, 1, 4, 16, 64], [1.0, 1.2, 1.3, 2.0, 5.0]), LatencyModel([8], [2.0]),
               LatencyModel([4, 16], [1.0, 0.8]), LatencyModel(), LatencyModel([0, 2, 8], [1.0, float("nan"), 3.0])]
     for lm in curves:
         for n in [0, 0.5, 1, 3, 4, 7.5, 8, 16, 63, 64, 100, 300] + rng.uniform(0, 200, 20).tolist():
-            assert lm.shape(n) == pytest.approx(float(lm._shape_many(np.array([n]))[0]), rel=1e-12, abs=1e-15)
+            assert lm.shape(n) == pytest.approx(_reference_shape(lm, n), rel=1e-12, abs=1e-15)
+        ns = [0, 3.5, 70]
+        assert lm.predict_many(ns).tolist() == pytest.approx([lm.predict(n) for n in ns])
     from specdec.adaptive import _solve3
 
     for _ in range(200):

@@ -112,3 +112,18 @@ def test_device_check_is_about_draft_models_only():
         _check_drafter(model_like, runner)
     with pytest.raises(ValueError, match="same device"):
         _check_drafter(MergedDrafter([NgramDrafter(), model_like]), runner)
+
+
+def test_merged_drafter_options_go_to_their_part():
+    """``ngram+recycling`` options are per part; a flat option is an error, never dropped."""
+    from specdec import drafters
+
+    d = drafters.make("ngram+recycling", ngram={"max_continuation": 16, "num_candidates": 3},
+                      recycling={"vocab_size": 64})
+    ngram, recycling = d.drafters
+    assert ngram.num_candidates == 3 and ngram.index.max_continuation == 16
+    assert recycling.vocab_size == 64
+    with pytest.raises(ValueError, match="options go per part"):
+        drafters.make("ngram+recycling", max_continuation=16)
+    with pytest.raises(ValueError, match="takes a dict"):
+        drafters.make("ngram+recycling", ngram=16)

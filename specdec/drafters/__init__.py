@@ -72,9 +72,17 @@ register("early_exit", _early_exit_drafter)
 
 # --- combinations (drafters/merged.py, drafters/dual.py)
 def _merged_drafter(target=None, names=("ngram", "recycling"), **kw):
+    """Options go to each part by its name: ``make("ngram+recycling", ngram={"max_continuation": 16})``."""
     from .merged import MergedDrafter
 
-    return MergedDrafter([make(n, target=target) for n in names])
+    unknown = sorted(set(kw) - set(names))
+    if unknown:
+        raise ValueError(f"drafter {'+'.join(names)!r}: options go per part, as {{name: {{option: value}}}} "
+                         f"with name in {list(names)}; got {unknown}")
+    for n in names:
+        if not isinstance(kw.get(n, {}), dict):
+            raise ValueError(f"drafter {'+'.join(names)!r}: {n}= takes a dict of {n} options, got {kw[n]!r}")
+    return MergedDrafter([make(n, target=target, **kw.get(n, {})) for n in names])
 
 
 def _dual_drafter(target=None, draft_model=None, **kw):

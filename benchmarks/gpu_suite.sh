@@ -21,7 +21,7 @@
 # gemma-bf16 / gemma-t07  real-bf16 / real-t07 on Gemma-3-270M (SPECDEC_GEMMA_GGUF)
 # Set LIMIT / PER_CATEGORY / NEW_TOKENS to size the benchmark runs (defaults 5 / 2 / 128),
 # METHODS to replace the benchmark methods, SWEEP_DRAFTER / SWEEP_NODES / SWEEP_LIMIT /
-# SWEEP_REPEATS / SWEEP_DTYPE for the sweep, TAG to name the latency files (default: the GPU's model).
+# SWEEP_REPEATS / SWEEP_DTYPE / SWEEP_GRID (controller arms) / SWEEP_VARIANTS (controller options, JSON) for the sweep, TAG to name the latency files (default: the GPU's model).
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh OUT STAGE...}; shift
 mkdir -p "$out"
@@ -81,6 +81,7 @@ print(torch.__version__, triton.__version__, transformers.__version__, backend.d
         --dtype "${SWEEP_DTYPE:-bfloat16}" --data-dir "$data" --datasets "${SWEEP_DATASETS:-humaneval,gsm8k,mbpp,spec_bench}" \
         --limit "${SWEEP_LIMIT:-3}" --max-new-tokens "$new" --drafter "${SWEEP_DRAFTER:-ngram+recycling}" \
         --nodes "${SWEEP_NODES:-1,4,16,64}" --depths 8 --repeats "${SWEEP_REPEATS:-1}" --tag "$tag" \
+        ${SWEEP_GRID:+--grid "$SWEEP_GRID"} ${SWEEP_VARIANTS:+--variants "$SWEEP_VARIANTS"} \
         --out "$out/sweep" > "$out/sweep-${SWEEP_DRAFTER:-ngram+recycling}.log" 2>&1
       echo "sweep rc=$?"; tail -30 "$out/sweep-${SWEEP_DRAFTER:-ngram+recycling}.log" ;;
     *) echo "unknown stage $stage"; exit 2 ;;

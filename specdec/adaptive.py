@@ -85,6 +85,19 @@ def _solve3(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.array([x0, x1, x2])
 
 
+def size_bin(n: int) -> int:
+    """The histogram bin of a tree of ``n`` nodes: 0, 1, 2, 3, 4, 5-7, 8, 9-15, 16, 17-31,
+    ... (each power of two and each run between two). Every bin lies inside one segment of
+    both latency grids (0, 1, 2, 4, 8, ... on a CPU; 0, 1, 3, 7, 15, ... for CUDA-graph
+    buckets), where the curve is linear (or flat): the cost of a bin's mean size is the
+    bin's mean cost."""
+    n = int(n)
+    if n <= 0:
+        return 0
+    k = n.bit_length()
+    return 2 * (k - 1) + (0 if n > 1 and n & (n - 1) == 0 else 1)
+
+
 # ----------------------------------------------------------------------------- calibration
 class AcceptanceCalibrator:
     """P(node accepted | parent accepted) as a function of one confidence feature.
@@ -171,9 +184,10 @@ def node_features(tree: TokenTree, kind: str) -> list[float] | None:
 class _Stats:
     """One drafter's discounted statistics per arm (a TreeBudget)."""
 
-    def __init__(self, n_arms: int):
+    def __init__(self, n_arms: int, n_bins: int = 1):
         self.M = np.zeros((6, n_arms))  # one array, so that decaying is one op; rows (views):
         self.S, self.A, self.Q, self.Z, self.D, self.E = self.M  # count, acc, acc^2, size, depth, empty
+        self.H = np.zeros((2, n_bins, n_arms))  # per arm and size bin (size_bin): trees, their summed sizes
         self.N = 0.0  # discounted played steps
         self.R = np.zeros((3, n_arms))  # count, acc, empty per arm since the request began (discounted)
         self.steps = 0
@@ -200,12 +214,13 @@ class _Stats:
         self.overlapped = False  # the caller runs the controller while the device verifies
 
     def decay(self, g: float) -> None:
-        for v in (self.M, self.R, self.XtX, self.Xty):
+        for v in (self.M, self.H, self.R, self.XtX, self.Xty):
             v *= g
         self.N = self.N * g + 1.0
 
     def forget(self, keep: float) -> None:
         self.M *= keep
+        self.H *= keep
         self.R *= keep
         self.N *= keep
         for c in self.contexts.values():
@@ -214,6 +229,8 @@ class _Stats:
     def add(self, a: int, acc: float, size: float, depth: float) -> None:
         self.M[:, a] += (1.0, acc, acc * acc, size, depth, float(size == 0))
         self.R[:, a] += (1.0, acc, float(size == 0))
+        b = min(size_bin(size), self.H.shape[1] - 1)
+        self.H[:, b, a] += (1.0, size)
 
     def add_many(self, arms: list[int], acc: list[float], size: list[float], depth: list[float]) -> None:
         """``add`` for several arms at once (distinct arms)."""
@@ -222,6 +239,10 @@ class _Stats:
                              [float(x == 0) for x in size]])
             self.M[:, arms] += rows
             self.R[:, arms] += rows[[0, 1, 5]]
+            last = self.H.shape[1] - 1
+            bins = [min(size_bin(x), last) for x in size]
+            self.H[0, bins, arms] += 1.0  # (distinct arms: distinct cells)
+            self.H[1, bins, arms] += size
 
 
 class BudgetController:
@@ -255,6 +276,9 @@ class BudgetController:
                 request steered the next one's first ~50 steps (simulated, interleaved poor
                 and good drafting requests, three request orders: worst kind 0.85-0.89x of its
                 best fixed budget pooled, 0.92-0.94x per request). 0 = one pool.
+    size_mix:   price an arm's non-empty verify as the mean of t over the sizes it drafted
+                (a decayed histogram per arm), not t(mean size): CUDA-graph buckets make t
+                a step function, and a CPU's curve bends (see ``_mixed_verify``).
     split_empty: price an arm's verify as P(empty tree) t(0) + P(non-empty) t(mean
                 non-empty size), not t(mean size), which overprices arms that often draft
                 nothing where t jumps from 0 to 1 node, as on a CPU (simulated, half the
@@ -292,7 +316,7 @@ class BudgetController:
                  discount: float = 0.99, explore: float = 0.1, warmup: int = 8, ridge: float = 1e-3,
                  min_depth: int = 1, shift_z: float = 1.0, shift_keep: float = 0.05, probe_every: int = 8,
                  probe_cost: float = 0.01, context_levels: int = 0, context_prior: float = 4.0,
-                 split_empty: bool = True, max_control_share: float = 0.03, max_stride: int = 8,
+                 split_empty: bool = True, size_mix: bool = True, max_control_share: float = 0.03, max_stride: int = 8,
                  measure_latency: str = "cuda", length_bands: bool = False, request_prior: float = 8.0):
         arms = list(arms) if arms is not None else [TreeBudget(n, min(n, max_depth)) for n in grid]
         if not arms:
@@ -300,13 +324,14 @@ class BudgetController:
         self.arms = sorted(set(arms), key=lambda b: (b.max_nodes, b.max_depth))
         self._arm_nodes = np.array([float(b.max_nodes) for b in self.arms])
         self._arm_depths = np.array([float(b.max_depth) for b in self.arms])
+        self._n_bins = size_bin(max(b.max_nodes for b in self.arms)) + 1
         self.latency = latency
         self.discount, self.explore, self.warmup = float(discount), float(explore), int(warmup)
         self.ridge, self.min_depth = float(ridge), int(min_depth)
         self.shift_z, self.shift_keep = float(shift_z), float(shift_keep)
         self.probe_every, self.probe_cost = int(probe_every), float(probe_cost)
         self.context_levels, self.context_prior = int(context_levels), float(context_prior)
-        self.split_empty = bool(split_empty)
+        self.split_empty, self.size_mix = bool(split_empty), bool(size_mix)
         self.max_control_share, self.max_stride = float(max_control_share), max(1, int(max_stride))
         if measure_latency not in ("cuda", "always", "never"):
             raise ValueError(f"measure_latency must be 'cuda', 'always' or 'never', got {measure_latency!r}")
@@ -329,10 +354,15 @@ class BudgetController:
             key = latency_key(model if model is not None else runner, runner)
             lm = LatencyModel.cached(key)
             device = torch.device(getattr(runner, "device", "cpu"))
+            fit = getattr(runner, "fit_nodes", None)  # a runner that pads trees to buckets
             if lm is None and (self.measure_latency == "always"
                                or (self.measure_latency == "cuda" and device.type == "cuda")):
                 lm = LatencyModel.for_runner(runner, model=model, key=key)
-            self.latency = lm or LatencyModel(key=key)
+            if lm is None:  # learned online, on the sizes the runner really runs
+                grid = sorted({fit(n) for n in LATENCY_GRID}) if fit else LATENCY_GRID
+                lm = LatencyModel(grid, key=key)
+            lm.buckets = bool(getattr(runner, "pads_trees", False))
+            self.latency = lm
 
     def set_sequence_length(self, n: int) -> None:
         """The sequence length of the steps to come: with ``length_bands`` the arm
@@ -344,7 +374,7 @@ class BudgetController:
 
     def _state(self, key: str) -> _Stats:
         if key not in self._stats:
-            self._stats[key] = _Stats(len(self.arms))
+            self._stats[key] = _Stats(len(self.arms), self._n_bins)
         return self._stats[key]
 
     def calibrator(self, key: str, kind: str = "prob") -> AcceptanceCalibrator:
@@ -419,7 +449,7 @@ class BudgetController:
         st._est = st._w = None
         revealed = [st]
         if st.chosen_ctx is not None:  # the context's own statistics learn from the same step
-            cs = st.contexts.setdefault(st.chosen_ctx, _Stats(len(self.arms)))
+            cs = st.contexts.setdefault(st.chosen_ctx, _Stats(len(self.arms), self._n_bins))
             cs.steps += 1
             cs.decay(self.discount)
             revealed.append(cs)
@@ -550,7 +580,8 @@ class BudgetController:
         full = 1.0 - empty
         nonempty_size = sizes / np.maximum(full, 1e-9)
         t = lat.predict_many(np.concatenate([[0.0], nonempty_size]))
-        cost = np.maximum(draft + empty * t[0] + full * t[1:], 1e-9)
+        verify_full = self._mixed_verify(st, lat, t[1:]) if self.size_mix and self.split_empty else t[1:]
+        cost = np.maximum(draft + empty * t[0] + full * verify_full, 1e-9)
         N = st.N
         if ctx is not None:  # the context's means, with the pooled ones as a prior of weight m
             m = self.context_prior
@@ -567,6 +598,25 @@ class BudgetController:
             return value / cost, mean, cost
         st._est = (value / cost, mean, cost)
         return st._est
+
+    def _mixed_verify(self, st: _Stats, lat: LatencyModel, at_mean: np.ndarray) -> np.ndarray:
+        """E[verify seconds | non-empty tree] per arm over the sizes it drafted (size
+        histogram; ``at_mean``, the cost at the mean size, for an arm with none yet). The
+        cost at the mean size is not the mean cost where the curve bends or steps: an arm
+        whose trees are half 20 and half 100 nodes pays for half 127-node CUDA-graph
+        buckets, which the 60-node mean prices as a 63-node bucket (in an H200 fp32 sweep
+        that made 128-node trees look 2% better than 64-node ones when they were 4% worse)."""
+        count, total = st.H[0, 1:], st.H[1, 1:]  # [bins - 1, arms] (bin 0: the empty trees)
+        b, a = np.nonzero(count > 1e-3)
+        if b.size == 0:
+            return at_mean
+        w = count[b, a]
+        t = lat.predict_many(total[b, a] / w)
+        num = np.zeros(len(self.arms))
+        den = np.zeros(len(self.arms))
+        np.add.at(num, a, w * t)
+        np.add.at(den, a, w)
+        return np.where(den > 0, num / np.maximum(den, 1e-12), at_mean)
 
     def _request_level(self, st: _Stats, mean: np.ndarray, empty: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mean accepted, P(empty)) per arm for the current request: its own steps, with the

@@ -77,13 +77,16 @@ OUTLIER_CAP = 4.0  # an observation counts as at most this many times the predic
 class LatencyModel:
     """Verify latency (seconds) of a tree of ``n`` drafted nodes (the forward runs n + 1
     tokens): ``scale * shape(n)``, the shape piecewise-linear between grid sizes with
-    linear extrapolation past the ends. ``observe(n, t)`` moves ``scale`` (the machine's
+    linear extrapolation past the ends; with ``buckets`` (a runner that pads every tree to
+    the next CUDA-graph bucket, whose largest trees are the grid sizes) a step function: a
+    size between two grid sizes costs what the one above costs. ``observe(n, t)`` moves ``scale`` (the machine's
     current load: it multiplies every size alike, so comparisons between tree sizes stay
     sound while it swings) fast and the two grid points around ``n`` slowly, so a
     measured curve tracks drift and an empty one is learned online."""
 
     def __init__(self, sizes: Sequence[int] = LATENCY_GRID, times: Sequence[float] | None = None, *,
-                 key: str | None = None, lr: float = 0.05, scale_lr: float = 0.2, meta: dict | None = None):
+                 key: str | None = None, lr: float = 0.05, scale_lr: float = 0.2, meta: dict | None = None,
+                 buckets: bool = False):
         self.sizes = [int(s) for s in sizes]
         if self.sizes != sorted(set(self.sizes)):
             raise ValueError("LatencyModel: sizes must be increasing")
@@ -92,6 +95,9 @@ class LatencyModel:
             raise ValueError("LatencyModel: one time per size")
         self.key, self.lr, self.scale_lr, self.meta = key, float(lr), float(scale_lr), dict(meta or {})
         self.scale = 1.0  # the load right now relative to the curve (outside load on a shared machine)
+        # the runner pads a tree to the next bucket (CUDA graphs): the grid sizes are the buckets'
+        # largest trees, and a size between two of them costs what the bucket above costs
+        self.buckets = bool(buckets)
         self._known_xy: tuple[list[float], list[float]] | None = None  # cache of _known(); reset on change
 
     # -- construction
@@ -172,6 +178,8 @@ class LatencyModel:
                 return y[0]
             return y[-1] + max((y[-1] - y[-2]) / (x[-1] - x[-2]), 0.0) * (n - x[-1])
         i = bisect.bisect_right(x, n)  # x[i - 1] <= n < x[i]
+        if self.buckets and n - x[i - 1] > 1e-6 * n:  # (a mean of sizes carries rounding)
+            return y[i]  # padded to the bucket above
         w = (n - x[i - 1]) / (x[i] - x[i - 1])
         return y[i - 1] + w * (y[i] - y[i - 1])
 
@@ -187,8 +195,8 @@ class LatencyModel:
             self.sizes.insert(at, n)
             self.times.insert(at, float("nan"))
         i = bisect.bisect_left(self.sizes, n)
-        if self.sizes[i] == n:
-            brackets = [(i, 1.0)]
+        if self.sizes[i] == n or self.buckets:
+            brackets = [(i, 1.0)]  # (a bucketed runner ran it as the bucket above)
         else:
             w = (n - self.sizes[i - 1]) / (self.sizes[i] - self.sizes[i - 1])
             brackets = [(j, wj) for j, wj in ((i - 1, 1.0 - w), (i, w)) if wj > 0]
@@ -223,12 +231,13 @@ class LatencyModel:
     def to_json(self) -> dict:
         """The curve at the current load (scale folded in)."""
         return {"version": 1, "key": self.key, "sizes": self.sizes,
-                "times": [None if t != t else t * self.scale for t in self.times], "meta": self.meta}
+                "times": [None if t != t else t * self.scale for t in self.times], "meta": self.meta,
+                "buckets": self.buckets}
 
     @classmethod
     def from_json(cls, d: dict) -> "LatencyModel":
         times = [float("nan") if t is None else t for t in d["times"]]
-        return cls(d["sizes"], times, key=d.get("key"), meta=d.get("meta"))
+        return cls(d["sizes"], times, key=d.get("key"), meta=d.get("meta"), buckets=bool(d.get("buckets", False)))
 
     def copy(self) -> "LatencyModel":
         """An independent curve with the same points (online refinement does not leak back)."""
@@ -272,6 +281,7 @@ class LatencyModel:
         if not refresh:
             hit = cls.cached(key, cache_dir)
             if hit is not None:
+                hit.buckets = bool(getattr(runner, "pads_trees", False))  # (files written before the flag)
                 return hit
         # a small cache (a runner made for short generations) holds the prefix and the trees
         # that fit; such a partial curve is used but not cached for bigger runners
@@ -280,7 +290,7 @@ class LatencyModel:
         fits = [n for n in grid if capacity is None or prefix + n + 1 <= capacity]
         lm = cls.measure(runner_verify_fn(runner, prefix_len=prefix), fits, key=key,
                          meta={"device": _device_name(runner.device), "measured": time.strftime("%Y-%m-%d %H:%M:%S")},
-                         **measure_kw)
+                         buckets=bool(getattr(runner, "pads_trees", False)), **measure_kw)
         runner.reset()
         if len(fits) == len(grid):
             lm.save(cls.cache_path(key, cache_dir))

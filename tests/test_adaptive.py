@@ -797,3 +797,73 @@ def test_length_bands_keep_separate_arm_statistics():
         pooled.set_sequence_length(length)
         _drive(pooled, sim, [(0.85, 10)])
     assert pooled._state("sim").steps == 20
+
+
+# ----------------------------------------------------------------------------- bucketed verify costs
+def test_latency_buckets_step_between_grid_sizes():
+    """A runner that pads to CUDA-graph buckets: a size between two grid sizes costs the
+    bucket above (a step), and its observation moves only that bucket's time."""
+    grid = [0, 1, 3, 7, 15, 31, 63, 127]
+    times = [1.0, 1.2, 1.2, 1.3, 1.4, 1.5, 2.0, 3.0]
+    lin, step = LatencyModel(grid, times), LatencyModel(grid, times, buckets=True)
+    for n in grid:
+        assert step.shape(n) == lin.shape(n) == times[grid.index(n)]
+    assert step.shape(64) == step.shape(100) == 3.0 and lin.shape(95) == pytest.approx(2.5)
+    assert step.shape(40.5) == 2.0 and step.shape(200) == lin.shape(200)  # (extrapolated alike)
+    step.observe(100, 3.0 * 1.5)  # a slow step: the scale moves, then the 127 point only
+    assert step.times[:7] == times[:7] and step.times[7] != times[7]
+    back = LatencyModel.from_json(step.to_json())
+    assert back.buckets and back.copy().buckets and not LatencyModel.from_json(lin.to_json()).buckets
+
+
+def test_size_bins_sit_inside_both_latency_grids():
+    from specdec.adaptive import size_bin
+
+    assert [size_bin(n) for n in (0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 63, 64, 65, 127, 128)] == \
+        [0, 1, 2, 3, 4, 5, 5, 6, 7, 7, 8, 11, 12, 13, 13, 14]
+    for grid in ([0, 1, 2, 4, 8, 16, 32, 64, 128, 256], [0, 1, 3, 7, 15, 31, 63, 127, 255]):
+        segment = lambda n: sum(g < n for g in grid)  # noqa: E731 -- (g_{i-1}, g_i] holds n
+        for b in range(size_bin(256)):
+            members = [n for n in range(257) if size_bin(n) == b]
+            assert len({segment(n) for n in members}) == 1, (grid, b, members)
+
+
+def _bimodal_controller(size_mix):
+    """Two arms on a bucketed curve (63 nodes: 1 ms, 127: 2 ms): the 127-node arm drafts
+    10 nodes 60% of the time and 110 nodes 40%, and accepts 5% more than the 63-node arm."""
+    lat = LatencyModel([0, 1, 3, 7, 15, 31, 63, 127], [0.001] * 7 + [0.002], buckets=True)
+    ctl = BudgetController(arms=[TreeBudget(63, 8), TreeBudget(127, 8)], latency=lat, size_mix=size_mix,
+                           request_prior=0)
+    rng = random.Random(0)
+    for i in range(400):
+        big = i % 2 == 0
+        size = (10 if rng.random() < 0.6 else 110) if big else rng.choice([10, 63])
+        accepted = 2.1 if big else 2.0  # (a mean: scalar observations take any count)
+        ctl.observe("k", tree_size=size, accepted=accepted, draft_time=0.0,
+                    verify_time=lat.predict(size), budget=TreeBudget(127 if big else 63, 8), depth=4)
+    return ctl.expected_rates("k")
+
+
+def test_size_mix_prices_an_arm_by_its_mean_cost_not_the_cost_of_its_mean():
+    """The 127-node arm's mean size (50) sits in the 63-node bucket: priced there it looks
+    as cheap as the 63-node arm and wins by its 5% more acceptance; priced over its sizes
+    (0.6 x 1 ms + 0.4 x 2 ms) it is 40% dearer and loses, as it does in reality."""
+    small, big = TreeBudget(63, 8), TreeBudget(127, 8)
+    by_mean = _bimodal_controller(size_mix=False)
+    mixed = _bimodal_controller(size_mix=True)
+    assert by_mean[big] > by_mean[small]
+    assert mixed[big] < mixed[small]
+    assert mixed[small] == pytest.approx(by_mean[small], rel=1e-6)  # (one bucket: the same price)
+    value_small, value_big = by_mean[small] * 0.001, 3.1  # (mean accepted + 1: by_mean priced both at 1 ms)
+    assert value_big / mixed[big] == pytest.approx(0.0014, rel=0.1)  # 0.6 x 1 ms + 0.4 x 2 ms
+    assert value_small / mixed[small] == pytest.approx(0.001, rel=1e-6)
+
+
+def test_attach_marks_a_bucketed_runner_curve():
+    from types import SimpleNamespace
+
+    runner = SimpleNamespace(device="cpu", pads_trees=True, fit_nodes=lambda n: max(1, 2 ** (n + 1).bit_length() // 2 - 1))
+    ctl = BudgetController(measure_latency="never", latency=None)
+    ctl.attach(runner, model=SimpleNamespace(name_or_path="m", dtype=torch.float32, config=None))
+    assert ctl.latency.buckets and ctl.latency.empty
+    assert ctl.latency.sizes == sorted({runner.fit_nodes(n) for n in (0, 1, 2, 4, 8, 16, 32, 64, 128)})

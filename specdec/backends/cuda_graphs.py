@@ -184,6 +184,11 @@ class GraphedCompactRunner:
                 done.append(size)
         return done
 
+    @property
+    def pads_trees(self) -> bool:
+        """Whether a tree's forward is padded to its bucket (its cost steps between buckets)."""
+        return self.mode != "eager"
+
     def fit_nodes(self, n: int) -> int:
         """The most tree nodes <= ``n`` whose forward (root + nodes) fills its padded bucket
         exactly: a 4-node tree pays for an 8-slot bucket, 3 nodes fit in 4 for less.

@@ -275,10 +275,19 @@ class BudgetController:
                 article, a chat answer does not) than along one; with one pool the previous
                 request steered the next one's first ~50 steps (simulated, interleaved poor
                 and good drafting requests, three request orders: worst kind 0.85-0.89x of its
-                best fixed budget pooled, 0.92-0.94x per request). 0 = one pool.
+                best fixed budget pooled, 0.92-0.94x per request). 0 = one pool. None (the
+                default): 8 on a CPU, 0 on a GPU, where verifying 127 nodes costs at most ~2x one
+                and the request level, learned on the small arms a poor stretch falls back to,
+                prices the big ones too low: in three H200 sweeps (48 or 24 prompts, fp32 and
+                bf16) per-request estimates sank GSM8K prompts to 3-node trees for the rest
+                of the request (tau 1.6 against 2.8 for fixed 128-node trees) and one pool was
+                ahead by 1-3% overall.
     size_mix:   price an arm's non-empty verify as the mean of t over the sizes it drafted
                 (a decayed histogram per arm), not t(mean size): CUDA-graph buckets make t
-                a step function, and a CPU's curve bends (see ``_mixed_verify``).
+                a step function, and a CPU's curve bends (see ``_mixed_verify``). CPU sweeps
+                (fp32, 2 rounds): 1.00x vs 0.94x the best fixed budget on HumanEval + GSM8K +
+                MBPP, 0.99x both on Spec-Bench; an H200 fp32 sweep: 0.91x vs 0.94x (rows both
+                ways; ~2% is that run's noise). False = price at the mean size.
     split_empty: price an arm's verify as P(empty tree) t(0) + P(non-empty) t(mean
                 non-empty size), not t(mean size), which overprices arms that often draft
                 nothing where t jumps from 0 to 1 node, as on a CPU (simulated, half the
@@ -317,7 +326,7 @@ class BudgetController:
                  min_depth: int = 1, shift_z: float = 1.0, shift_keep: float = 0.05, probe_every: int = 8,
                  probe_cost: float = 0.01, context_levels: int = 0, context_prior: float = 4.0,
                  split_empty: bool = True, size_mix: bool = True, max_control_share: float = 0.03, max_stride: int = 8,
-                 measure_latency: str = "cuda", length_bands: bool = False, request_prior: float = 8.0):
+                 measure_latency: str = "cuda", length_bands: bool = False, request_prior: float | None = None):
         arms = list(arms) if arms is not None else [TreeBudget(n, min(n, max_depth)) for n in grid]
         if not arms:
             raise ValueError("BudgetController needs at least one arm")
@@ -337,7 +346,8 @@ class BudgetController:
             raise ValueError(f"measure_latency must be 'cuda', 'always' or 'never', got {measure_latency!r}")
         self.measure_latency = measure_latency
         self.length_bands = bool(length_bands)
-        self.request_prior = float(request_prior)
+        self._request_prior_auto = request_prior is None
+        self.request_prior = 8.0 if request_prior is None else float(request_prior)  # (None: set by ``attach``)
         self._band: int | None = None
         self._stats: dict[str, _Stats] = {}
 
@@ -349,7 +359,9 @@ class BudgetController:
         """Give the controller a latency curve for ``runner``: the cached one if any was
         measured; else, where ``measure_latency`` says so, measured now and cached (a few
         verify forwards per tree size: on a GPU about a second, graph captures included);
-        else one learned online."""
+        else one learned online. ``request_prior=None`` is settled here, by the runner's device."""
+        if self._request_prior_auto:
+            self.request_prior = 0.0 if torch.device(getattr(runner, "device", "cpu")).type == "cuda" else 8.0
         if self.latency is None:
             key = latency_key(model if model is not None else runner, runner)
             lm = LatencyModel.cached(key)
@@ -604,8 +616,7 @@ class BudgetController:
         histogram; ``at_mean``, the cost at the mean size, for an arm with none yet). The
         cost at the mean size is not the mean cost where the curve bends or steps: an arm
         whose trees are half 20 and half 100 nodes pays for half 127-node CUDA-graph
-        buckets, which the 60-node mean prices as a 63-node bucket (in an H200 fp32 sweep
-        that made 128-node trees look 2% better than 64-node ones when they were 4% worse)."""
+        buckets, which the 60-node mean prices as a 63-node bucket."""
         count, total = st.H[0, 1:], st.H[1, 1:]  # [bins - 1, arms] (bin 0: the empty trees)
         b, a = np.nonzero(count > 1e-3)
         if b.size == 0:

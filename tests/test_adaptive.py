@@ -867,3 +867,18 @@ def test_attach_marks_a_bucketed_runner_curve():
     ctl.attach(runner, model=SimpleNamespace(name_or_path="m", dtype=torch.float32, config=None))
     assert ctl.latency.buckets and ctl.latency.empty
     assert ctl.latency.sizes == sorted({runner.fit_nodes(n) for n in (0, 1, 2, 4, 8, 16, 32, 64, 128)})
+
+
+def test_request_prior_follows_the_device_unless_given(tmp_path, monkeypatch):
+    """Per-request estimates (8 steps of pooled prior) on a CPU, one pool on a GPU."""
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path))
+    model = SimpleNamespace(name_or_path="m", dtype=torch.float32, config=None)
+    for device, want in (("cpu", 8.0), ("cuda", 0.0)):
+        ctl = BudgetController(latency=LatencyModel())  # (a curve given: attach looks at no GPU)
+        ctl.attach(SimpleNamespace(device=device), model=model)
+        assert ctl.request_prior == want
+        pinned = BudgetController(latency=LatencyModel(), request_prior=3)
+        pinned.attach(SimpleNamespace(device=device), model=model)
+        assert pinned.request_prior == 3.0

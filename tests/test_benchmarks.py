@@ -191,3 +191,45 @@ def test_attention_heuristic_against_the_saved_h200_tuning():
     assert ev["cases"] == 36
     assert ev["geomean_vs_best"] < 1.2 and ev["worst_vs_best"] < 1.6, ev["geomean_vs_best"]
     assert ev["tuned_run_auto_geomean_vs_best"] > 1.5
+
+
+def test_replay_controller_record_and_replay(tmp_path):
+    """Recorded trees replayed at the recorded budget retrace the run step for step; the
+    replay runs fixed budgets and controllers and reports them against the best fixed one."""
+    import sys
+    from pathlib import Path
+
+    from conftest import tiny_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import replay_controller as rc
+    from specdec.config import TreeBudget
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"task_id": f"HumanEval/{i}", "prompt": f"def f{i}(x):\n    return x + {i}\n\ndef f{i}(", "test": "",
+             "entry_point": f"f{i}", "canonical_solution": ""} for i in range(2)]
+    (data / "humaneval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    traces = tmp_path / "traces.json"
+    assert rc.main(["record", "--datasets", "humaneval", "--data-dir", str(data), "--limit", "2",
+                    "--max-new-tokens", "16", "--drafter", "ngram", "--nodes", "8", "--depth", "4",
+                    "--out", str(traces)], model=tiny_model("llama")) == 0
+    doc = json.loads(traces.read_text())
+    assert len(doc["traces"]) == 2 and all(t["steps"] for t in doc["traces"])
+    costs = rc.CostModel(rc.COSTS["xeon-cpu"], jitter=0.0, seed=0)
+    for t in doc["traces"]:
+        visited = []
+        tokens, seconds = rc.replay_prompt(t, costs, budget=TreeBudget(8, 4), visited=visited)
+        starts = [s["start"] for s in t["steps"]]
+        assert tokens == t["new_tokens"] and seconds > 0
+        assert visited[:len(starts)] == starts and len(visited) in (len(starts), len(starts) + 1)
+        tree, path = rc.cut(t["steps"][0], 8, 4)
+        assert len(tree) == len(t["steps"][0]["parents"]) and path == t["steps"][0]["accepted"]
+    out = tmp_path / "replay.json"
+    assert rc.main(["replay", str(traces), "--costs", "h200-fp32", "--fixed", "1:1,8:4", "--grid", "1,8",
+                    "--max-depth", "4", "--seeds", "1", "--repeats", "1", "--variants",
+                    '{"adaptive": {}, "one-pool": {"request_prior": 0}}', "--out", str(out)]) == 0
+    table = json.loads(out.read_text())["table"]
+    assert set(table) == {"humaneval", "all"} and set(table["all"]) == {"n1_d1", "n8_d4", "adaptive", "one-pool"}
+    assert max(table["all"][m]["vs_best_fixed"] for m in ("n1_d1", "n8_d4")) == 1.0
+    assert all(0 < v["vs_best_fixed"] < 2 for v in table["all"].values())

@@ -1,0 +1,261 @@
+"""Replay tree-budget controllers offline on recorded draft trees (no model: seconds a run).
+
+    python -m benchmarks.replay_controller record --datasets humaneval,gsm8k,mbpp --limit 6 --out traces.json
+    python -m benchmarks.replay_controller replay traces.json --costs h200-fp32 \\
+        --variants '{"adaptive": {}, "one-pool": {"request_prior": 0}}'
+
+``record`` runs ``specdec.generate`` at one big fixed budget (``--nodes`` / ``--depth``,
+default 128 / 8) and keeps, per step, where it started, the drafted tree (parents, depths)
+and the accepted path. ``replay`` walks every prompt again under fixed budgets and
+controllers: a step at position p takes the recorded tree whose start is nearest p, cut to
+the step's budget (its first n nodes, none deeper than the cap: what a best-first drafter
+gives a smaller budget) with the accepted path inside it, and costs what a cost model says
+(verify curve + per-node host time + the rest of a step, with lognormal jitter), overlapped
+with the verify on a GPU as ``generate`` does. An approximation -- the drafter's state
+follows the recorded run, not the replayed one -- for comparing controller variants on real
+acceptance streams (results relative to the best fixed budget), not for absolute tokens/s.
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import collections
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+# Cost models: verify latency curve (s, by tree size; ``buckets``: a step per CUDA-graph
+# bucket), per-step host time in the verify (s + s per node), the rest of a step (s + s per
+# node up to ``other_cap`` nodes), whether the controller overlaps the verify. Fitted to
+# the 2026-12-02 sweeps (benchmarks/results/2026-12-02-h200-s7/, ...-intel-r-xeon-r-processor/).
+COSTS = {
+    "h200-fp32": dict(sizes=[0, 1, 3, 7, 15, 31, 63, 127],
+                      times=[0.00133, 0.0018, 0.0018, 0.0019, 0.00222, 0.00222, 0.0026, 0.00302],
+                      buckets=True, host=0.00045, host_per_node=12e-6, other=0.00112, other_per_node=4e-6,
+                      other_cap=50, overlap=True),
+    "xeon-cpu": dict(sizes=[0, 1, 2, 4, 8, 16, 32, 64, 128],
+                     times=[0.108, 0.1205, 0.1265, 0.1856, 0.2452, 0.2482, 0.3151, 0.4447, 0.6536],
+                     buckets=False, host=0.0, host_per_node=0.0, other=0.016, other_per_node=0.0005,
+                     other_cap=10 ** 9, overlap=False),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.replay_controller", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("record", help="record the trees of a fixed-budget run")
+    r.add_argument("--model", default=None, help="as benchmarks.run (default: smollm2)")
+    r.add_argument("--dtype", default="float32")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--data-dir", default=None)
+    r.add_argument("--datasets", default="humaneval,gsm8k,mbpp,spec_bench")
+    r.add_argument("--limit", type=int, default=6)
+    r.add_argument("--max-new-tokens", type=int, default=128)
+    r.add_argument("--max-prompt-tokens", type=int, default=None)
+    r.add_argument("--chat", choices=["auto", "always", "never"], default="auto")
+    r.add_argument("--drafter", default="ngram+recycling")
+    r.add_argument("--nodes", type=int, default=128)
+    r.add_argument("--depth", type=int, default=8)
+    r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--out", required=True)
+    s = sub.add_parser("replay", help="replay fixed budgets and controllers on recorded trees")
+    s.add_argument("traces")
+    s.add_argument("--costs", default="h200-fp32", help=f"one of {sorted(COSTS)} or a JSON file of the same fields")
+    s.add_argument("--fixed", default="1:1,4:4,16:8,64:8,128:8", help="nodes:depth,... fixed budgets")
+    s.add_argument("--grid", default="1,4,16,64,128", help="the controllers' node grid")
+    s.add_argument("--max-depth", type=int, default=8)
+    s.add_argument("--variants", default='{"adaptive": {}}', help="JSON {name: BudgetController options}")
+    s.add_argument("--seeds", type=int, default=3)
+    s.add_argument("--repeats", type=int, default=2, help="passes over the prompts per seed (a controller keeps learning)")
+    s.add_argument("--jitter", type=float, default=0.1, help="lognormal sigma of every time")
+    s.add_argument("--out", default=None, help="JSON of the results")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- record
+def record(args, model=None, tokenizer=None) -> dict:
+    from specdec import TreeBudget, drafters, generate
+    from specdec.generate import _as_runner
+
+    from . import datasets, models
+    from .run import _fit_prompts
+
+    torch.set_num_threads(args.threads)
+    loaded = models.Loaded(model, tokenizer or models.ByteTokenizer(model.config.vocab_size), "model") \
+        if model is not None else models.load(args.model, dtype=args.dtype, device=args.device)
+    names = datasets.parse_names(args.datasets)
+    selected = datasets.select(names, data_dir=args.data_dir, limit=args.limit)
+    prompts, _ = _fit_prompts(datasets.tokenize(selected, loaded.tokenizer, args.chat, loaded.is_instruct),
+                              loaded.model, args)
+    longest = max(p.prompt_ids.shape[1] for v in prompts.values() for p in v)
+    runner = _as_runner(loaded.model, "auto", longest + args.max_new_tokens + args.nodes + 1)
+    traces = []
+    for subset, items in prompts.items():
+        for p in items:
+            drafter = drafters.make(args.drafter, target=loaded.model)
+            steps = []
+            update = drafter.update
+
+            def keep(res, steps=steps, update=update):
+                steps.append({"start": len(res.tokens) - len(res.committed), "parents": res.tree.parents.tolist(),
+                              "depths": list(res.tree.depth_list), "accepted": [int(i) for i in res.accepted_nodes]})
+                return update(res)
+
+            drafter.update = keep
+            out = generate(runner, p.prompt_ids.to(runner.device), drafter=drafter, max_new_tokens=args.max_new_tokens,
+                           eos_token_id=loaded.eos_token_id, budget=TreeBudget(args.nodes, args.depth))
+            traces.append({"subset": subset, "id": p.id, "new_tokens": out.stats.new_tokens, "steps": steps})
+            print(f"{subset} {p.id}: {len(steps)} steps recorded, {out.stats.new_tokens} tokens", flush=True)
+    doc = {"drafter": args.drafter, "budget": [args.nodes, args.depth], "max_new_tokens": args.max_new_tokens,
+           "model": getattr(loaded, "name", None), "traces": traces}
+    Path(args.out).write_text(json.dumps(doc))
+    return doc
+
+
+# ----------------------------------------------------------------------------- replay
+def cut(step: dict, max_nodes: int, max_depth: int):
+    """The recorded tree cut to a budget: (TokenTree, accepted node indices inside it)."""
+    from specdec.tree import TokenTree
+
+    parents, depths = step["parents"], step["depths"]
+    keep = [i for i in range(min(len(parents), max_nodes)) if depths[i] <= max_depth]
+    index = {old: new for new, old in enumerate(keep)}
+    tree = TokenTree(torch.zeros(len(keep), dtype=torch.long),
+                     torch.tensor([-1 if parents[i] < 0 else index[parents[i]] for i in keep], dtype=torch.long))
+    path = []
+    for v in step["accepted"]:
+        if v not in index:
+            break
+        path.append(index[v])
+    return tree, path
+
+
+class CostModel:
+    def __init__(self, spec: dict, jitter: float, seed: int):
+        self.spec, self.jitter, self.rng = spec, float(jitter), random.Random(seed)
+        self.sizes, self.times = spec["sizes"], spec["times"]
+
+    def _curve(self, n: int) -> float:
+        i = bisect.bisect_left(self.sizes, n)
+        if i < len(self.sizes) and self.sizes[i] == n:
+            return self.times[i]
+        if i >= len(self.sizes):  # past the grid: the last slope
+            slope = (self.times[-1] - self.times[-2]) / (self.sizes[-1] - self.sizes[-2])
+            return self.times[-1] + slope * (n - self.sizes[-1])
+        if self.spec["buckets"]:
+            return self.times[i]
+        w = (n - self.sizes[i - 1]) / (self.sizes[i] - self.sizes[i - 1])
+        return self.times[i - 1] + w * (self.times[i] - self.times[i - 1])
+
+    def _noise(self) -> float:
+        return math.exp(self.rng.gauss(0.0, self.jitter)) if self.jitter > 0 else 1.0
+
+    def step(self, n: int) -> tuple[float, float]:
+        """(verify s, the rest of the step s) for a tree of n nodes."""
+        s = self.spec
+        verify = (self._curve(n) + s["host"] + s["host_per_node"] * n) * self._noise()
+        other = (s["other"] + s["other_per_node"] * min(n, s["other_cap"])) * self._noise()
+        return verify, other
+
+
+def replay_prompt(trace: dict, costs: CostModel, *, budget=None, controller=None, overlap=False,
+                  visited: list | None = None) -> tuple[int, float]:
+    """(tokens, seconds) of one prompt under a fixed ``budget`` or a ``controller``;
+    ``visited`` collects the position of every step."""
+    from specdec.config import TreeBudget
+
+    steps = trace["steps"]
+    starts = [s["start"] for s in steps]
+    goal, new, elapsed = trace["new_tokens"], 0, 0.0
+    if controller is not None:
+        controller.begin_request("replay")
+    pending, ahead = None, None
+    while new < goal:
+        pos = starts[0] + new
+        if visited is not None:
+            visited.append(pos)
+        i = max(bisect.bisect_right(starts, pos) - 1, 0)
+        if i + 1 < len(starts) and starts[i + 1] - pos < pos - starts[i]:
+            i += 1  # the nearest recorded start
+        if controller is None:
+            chosen = budget
+        elif ahead is not None:
+            chosen, ahead = ahead, None
+        else:
+            chosen = controller.choose("replay")
+        arm = TreeBudget(chosen.max_nodes, min(chosen.max_depth, goal - new - 1))
+        tree, path = cut(steps[i], arm.max_nodes, arm.max_depth)
+        verify, other = costs.step(len(tree))
+        elapsed += verify + other
+        new += min(len(path) + 1, goal - new)
+        if controller is not None:
+            if pending is not None:  # (overlap: learn from the last step while this one verifies)
+                controller.observe(**pending)
+                pending, ahead = None, controller.choose("replay")
+            seen = dict(key="replay", tree_size=len(tree), accepted=len(path), draft_time=other, verify_time=verify,
+                        tree=tree, accepted_nodes=path, budget=arm, overlapped=overlap)
+            if overlap and new < goal:
+                pending = seen
+            else:
+                controller.observe(**seen)
+    if pending is not None:
+        controller.observe(**pending)
+    return new, elapsed
+
+
+def replay(args, doc: dict | None = None) -> dict:
+    from specdec.adaptive import BudgetController, LatencyModel
+    from specdec.config import TreeBudget
+
+    doc = doc or json.loads(Path(args.traces).read_text())
+    spec = COSTS.get(args.costs) or json.loads(Path(args.costs).read_text())
+    fixed = {f"n{a}_d{b}": TreeBudget(int(a), int(b)) for a, b in (x.split(":") for x in args.fixed.split(","))}
+    variants = json.loads(args.variants)
+    grid = [int(n) for n in args.grid.split(",")]
+    totals = collections.defaultdict(lambda: collections.defaultdict(lambda: [0, 0.0]))  # subset -> method -> [tok, s]
+    for seed in range(args.seeds):
+        costs = CostModel(spec, args.jitter, seed)
+        controllers = {name: BudgetController(grid=grid, max_depth=args.max_depth, max_control_share=0.0,
+                                              latency=LatencyModel(spec["sizes"], spec["times"], buckets=spec["buckets"]),
+                                              **opts) for name, opts in variants.items()}
+        for _ in range(args.repeats):
+            for trace in doc["traces"]:
+                runs = {m: replay_prompt(trace, costs, budget=b) for m, b in fixed.items()}
+                runs.update({m: replay_prompt(trace, costs, controller=c, overlap=spec["overlap"])
+                             for m, c in controllers.items()})
+                for m, (tok, sec) in runs.items():
+                    for subset in (trace["subset"], "all"):
+                        totals[subset][m][0] += tok
+                        totals[subset][m][1] += sec
+    methods = list(fixed) + list(variants)
+    table = {}
+    for subset, by in totals.items():
+        rate = {m: by[m][0] / by[m][1] for m in methods}
+        best = max(rate[m] for m in fixed)
+        table[subset] = {m: {"tokens_per_s": rate[m], "vs_best_fixed": rate[m] / best} for m in methods}
+    print("relative to the best fixed budget per dataset (" + args.costs + ")")
+    print(f"{'dataset':28s}" + "".join(f"{m[:12]:>13s}" for m in methods))
+    for subset in sorted(table, key=lambda s: (s == "all", s)):
+        print(f"{subset:28s}" + "".join(f"{table[subset][m]['vs_best_fixed']:13.3f}" for m in methods))
+    result = {"costs": args.costs, "cost_model": spec, "variants": variants, "seeds": args.seeds,
+              "repeats": args.repeats, "jitter": args.jitter, "prompts": len(doc["traces"]), "table": table}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main(argv=None, *, model=None, tokenizer=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.cmd == "record":
+        record(args, model=model, tokenizer=tokenizer)
+    else:
+        replay(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -102,3 +102,17 @@ def hf_greedy(model, ids, max_new_tokens, eos_token_id=None):
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          do_sample=False, eos_token_id=eos_token_id, pad_token_id=0)
     return out
+
+
+def write_humaneval(folder, n: int = 2, call: str = "g("):
+    """A ``humaneval.jsonl`` of ``n`` tiny prompts in ``folder`` (made if missing): a data dir
+    for the benchmark scripts' smoke tests. Returns the folder."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"task_id": f"HumanEval/{i}", "prompt": f"def f{i}(x):\n    return x + {i}\n\ndef {call}", "test": "",
+             "entry_point": f"f{i}", "canonical_solution": ""} for i in range(n)]
+    (folder / "humaneval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder

@@ -715,11 +715,9 @@ def test_sweep_adaptive_smoke(tmp_path, monkeypatch):
     from benchmarks.sweep_adaptive import main
 
     monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path / "cache"))
-    data = tmp_path / "data"
-    data.mkdir()
-    rows = [{"task_id": f"HumanEval/{i}", "prompt": f"def f{i}(x):\n    return x + {i}\n\ndef g(", "test": "",
-             "entry_point": f"f{i}", "canonical_solution": ""} for i in range(2)]
-    (data / "humaneval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from conftest import write_humaneval
+
+    data = write_humaneval(tmp_path / "data")
     out = tmp_path / "out"
     rc = main(["--datasets", "humaneval,gsm8k", "--data-dir", str(data), "--limit", "1", "--max-new-tokens", "8",
                "--nodes", "1,4", "--depths", "4", "--latency-grid", "0,4,16", "--device", "cpu", "--out", str(out),

@@ -199,17 +199,13 @@ def test_replay_controller_record_and_replay(tmp_path):
     import sys
     from pathlib import Path
 
-    from conftest import tiny_model
+    from conftest import tiny_model, write_humaneval
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks import replay_controller as rc
     from specdec.config import TreeBudget
 
-    data = tmp_path / "data"
-    data.mkdir()
-    rows = [{"task_id": f"HumanEval/{i}", "prompt": f"def f{i}(x):\n    return x + {i}\n\ndef f{i}(", "test": "",
-             "entry_point": f"f{i}", "canonical_solution": ""} for i in range(2)]
-    (data / "humaneval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_humaneval(tmp_path / "data", call="f0(")
     traces = tmp_path / "traces.json"
     assert rc.main(["record", "--datasets", "humaneval", "--data-dir", str(data), "--limit", "2",
                     "--max-new-tokens", "16", "--drafter", "ngram", "--nodes", "8", "--depth", "4",

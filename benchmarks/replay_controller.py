@@ -136,20 +136,10 @@ def cut(step: dict, max_nodes: int, max_depth: int):
 
 class CostModel:
     def __init__(self, spec: dict, jitter: float, seed: int):
-        self.spec, self.jitter, self.rng = spec, float(jitter), random.Random(seed)
-        self.sizes, self.times = spec["sizes"], spec["times"]
+        from specdec.adaptive import LatencyModel
 
-    def _curve(self, n: int) -> float:
-        i = bisect.bisect_left(self.sizes, n)
-        if i < len(self.sizes) and self.sizes[i] == n:
-            return self.times[i]
-        if i >= len(self.sizes):  # past the grid: the last slope
-            slope = (self.times[-1] - self.times[-2]) / (self.sizes[-1] - self.sizes[-2])
-            return self.times[-1] + slope * (n - self.sizes[-1])
-        if self.spec["buckets"]:
-            return self.times[i]
-        w = (n - self.sizes[i - 1]) / (self.sizes[i] - self.sizes[i - 1])
-        return self.times[i - 1] + w * (self.times[i] - self.times[i - 1])
+        self.spec, self.jitter, self.rng = spec, float(jitter), random.Random(seed)
+        self.curve = LatencyModel(spec["sizes"], spec["times"], buckets=spec["buckets"])  # the true curve
 
     def _noise(self) -> float:
         return math.exp(self.rng.gauss(0.0, self.jitter)) if self.jitter > 0 else 1.0
@@ -157,7 +147,7 @@ class CostModel:
     def step(self, n: int) -> tuple[float, float]:
         """(verify s, the rest of the step s) for a tree of n nodes."""
         s = self.spec
-        verify = (self._curve(n) + s["host"] + s["host_per_node"] * n) * self._noise()
+        verify = (self.curve.shape(n) + s["host"] + s["host_per_node"] * n) * self._noise()
         other = (s["other"] + s["other_per_node"] * min(n, s["other_cap"])) * self._noise()
         return verify, other
 

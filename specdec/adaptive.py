@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .config import TreeBudget
-from .latency import LATENCY_GRID, LatencyModel, latency_key, runner_verify_fn
+from .latency import LATENCY_GRID, LatencyModel, latency_key, pads_trees, runner_grid, runner_verify_fn
 from .tree import ROOT, TokenTree
 
 __all__ = ["AcceptanceCalibrator", "BudgetController", "ChainStopper", "DynamicTreeBuilder", "LatencyModel",
@@ -287,7 +287,8 @@ class BudgetController:
                 a step function, and a CPU's curve bends (see ``_mixed_verify``). CPU sweeps
                 (fp32, 2 rounds): 1.00x vs 0.94x the best fixed budget on HumanEval + GSM8K +
                 MBPP, 0.99x both on Spec-Bench; an H200 fp32 sweep: 0.91x vs 0.94x (rows both
-                ways; ~2% is that run's noise). False = price at the mean size.
+                ways; ~2% is that run's noise). False = price at the mean size. Needs
+                ``split_empty`` (the histogram prices the non-empty trees).
     split_empty: price an arm's verify as P(empty tree) t(0) + P(non-empty) t(mean
                 non-empty size), not t(mean size), which overprices arms that often draft
                 nothing where t jumps from 0 to 1 node, as on a CPU (simulated, half the
@@ -360,20 +361,18 @@ class BudgetController:
         measured; else, where ``measure_latency`` says so, measured now and cached (a few
         verify forwards per tree size: on a GPU about a second, graph captures included);
         else one learned online. ``request_prior=None`` is settled here, by the runner's device."""
+        device = torch.device(getattr(runner, "device", "cpu"))
         if self._request_prior_auto:
-            self.request_prior = 0.0 if torch.device(getattr(runner, "device", "cpu")).type == "cuda" else 8.0
+            self.request_prior = 0.0 if device.type == "cuda" else 8.0
         if self.latency is None:
             key = latency_key(model if model is not None else runner, runner)
             lm = LatencyModel.cached(key)
-            device = torch.device(getattr(runner, "device", "cpu"))
-            fit = getattr(runner, "fit_nodes", None)  # a runner that pads trees to buckets
             if lm is None and (self.measure_latency == "always"
                                or (self.measure_latency == "cuda" and device.type == "cuda")):
                 lm = LatencyModel.for_runner(runner, model=model, key=key)
             if lm is None:  # learned online, on the sizes the runner really runs
-                grid = sorted({fit(n) for n in LATENCY_GRID}) if fit else LATENCY_GRID
-                lm = LatencyModel(grid, key=key)
-            lm.buckets = bool(getattr(runner, "pads_trees", False))
+                lm = LatencyModel(runner_grid(runner), key=key)
+            lm.buckets = pads_trees(runner)
             self.latency = lm
 
     def set_sequence_length(self, n: int) -> None:
@@ -623,10 +622,8 @@ class BudgetController:
             return at_mean
         w = count[b, a]
         t = lat.predict_many(total[b, a] / w)
-        num = np.zeros(len(self.arms))
-        den = np.zeros(len(self.arms))
-        np.add.at(num, a, w * t)
-        np.add.at(den, a, w)
+        num = np.bincount(a, weights=w * t, minlength=len(self.arms))
+        den = np.bincount(a, weights=w, minlength=len(self.arms))
         return np.where(den > 0, num / np.maximum(den, 1e-12), at_mean)
 
     def _request_level(self, st: _Stats, mean: np.ndarray, empty: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

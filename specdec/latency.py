@@ -276,12 +276,11 @@ class LatencyModel:
         """The cached curve for this (model, dtype, device, backend), measured and saved
         on first use. ``runner`` is a specdec Runner (its cache is reset)."""
         key = key or latency_key(model if model is not None else runner, runner)
-        fit = getattr(runner, "fit_nodes", None)  # time the tree sizes this runner will really run
-        grid = sorted({fit(int(n)) if fit else int(n) for n in grid})
+        grid = runner_grid(runner, grid)
         if not refresh:
             hit = cls.cached(key, cache_dir)
             if hit is not None:
-                hit.buckets = bool(getattr(runner, "pads_trees", False))  # (files written before the flag)
+                hit.buckets = pads_trees(runner)  # (files written before the flag)
                 return hit
         # a small cache (a runner made for short generations) holds the prefix and the trees
         # that fit; such a partial curve is used but not cached for bigger runners
@@ -290,7 +289,7 @@ class LatencyModel:
         fits = [n for n in grid if capacity is None or prefix + n + 1 <= capacity]
         lm = cls.measure(runner_verify_fn(runner, prefix_len=prefix), fits, key=key,
                          meta={"device": _device_name(runner.device), "measured": time.strftime("%Y-%m-%d %H:%M:%S")},
-                         buckets=bool(getattr(runner, "pads_trees", False)), **measure_kw)
+                         buckets=pads_trees(runner), **measure_kw)
         runner.reset()
         if len(fits) == len(grid):
             lm.save(cls.cache_path(key, cache_dir))
@@ -298,6 +297,18 @@ class LatencyModel:
             log.debug("specdec: latency curve of %s measured on %s nodes only (cache capacity %s); not cached",
                       key, fits, capacity)
         return lm
+
+
+def pads_trees(runner) -> bool:
+    """Whether ``runner`` pads every tree to a CUDA-graph bucket (its verify cost steps)."""
+    return bool(getattr(runner, "pads_trees", False))
+
+
+def runner_grid(runner, grid: Sequence[int] = LATENCY_GRID) -> list[int]:
+    """The tree sizes of ``grid`` that ``runner`` really runs (a bucketed runner trims every
+    budget to fill its bucket: ``fit_nodes``)."""
+    fit = getattr(runner, "fit_nodes", None)
+    return sorted({fit(int(n)) if fit else int(n) for n in grid})
 
 
 def runner_verify_fn(runner, prefix_len: int = MEASURE_PREFIX, seed: int = 0) -> Callable[[int], None]:

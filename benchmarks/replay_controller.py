@@ -3,6 +3,7 @@
     python -m benchmarks.replay_controller record --datasets humaneval,gsm8k,mbpp --limit 6 --out traces.json
     python -m benchmarks.replay_controller replay traces.json --costs h200-fp32 \\
         --variants '{"adaptive": {}, "one-pool": {"request_prior": 0}}'
+    python -m benchmarks.replay_controller replay n16.json n64.json n128.json ...  # own states
 
 ``record`` runs ``specdec.generate`` at one big fixed budget (``--nodes`` / ``--depth``,
 default 128 / 8) and keeps, per step, where it started, the drafted tree (parents, depths)
@@ -14,6 +15,14 @@ gives a smaller budget) with the accepted path inside it, and costs what a cost 
 with the verify on a GPU as ``generate`` does. An approximation -- the drafter's state
 follows the recorded run, not the replayed one -- for comparing controller variants on real
 acceptance streams (results relative to the best fixed budget), not for absolute tokens/s.
+
+The drafter's state depends on the budgets played: token recycling refreshes one adjacency
+row per verified node, so a 128-node run's trees cut to 16 nodes accept more than a 16-node
+run's own trees (CPU, 36 code + math prompts: tau 2.41 vs 2.11; 64 nodes: 2.85 vs 2.74).
+Given several recordings of the same prompts at different budgets, a step takes its tree
+from the recording of the smallest budget that covers the arm played (its own state, when
+that budget was recorded), so a controller sees the same biased view of smaller arms that
+it sees in ``generate``, and a fixed budget that was recorded replays its own run.
 """
 from __future__ import annotations
 
@@ -33,10 +42,13 @@ import torch
 # node up to ``other_cap`` nodes), whether the controller overlaps the verify. Fitted to
 # the 2026-12-02 sweeps (benchmarks/results/2026-12-02-h200-s7/, ...-intel-r-xeon-r-processor/).
 COSTS = {
+    # per-step times of the fixed budgets in the s7/s7b H200 float32 sweeps (verify + host per
+    # bucket; the rest of a step): n16 2.55 + 1.13 ms, n64 2.95 + 1.32, n128 3.35 + 1.32 (with
+    # 20% empty trees and 55% of 128-node trees over 63 nodes, as recorded)
     "h200-fp32": dict(sizes=[0, 1, 3, 7, 15, 31, 63, 127],
-                      times=[0.00133, 0.0018, 0.0018, 0.0019, 0.00222, 0.00222, 0.0026, 0.00302],
-                      buckets=True, host=0.00045, host_per_node=12e-6, other=0.00112, other_per_node=4e-6,
-                      other_cap=50, overlap=True),
+                      times=[0.0019, 0.00215, 0.0022, 0.00235, 0.0026, 0.00285, 0.0031, 0.00405],
+                      buckets=True, host=0.0, host_per_node=0.0, other=0.001, other_per_node=8e-6,
+                      other_cap=40, overlap=True),
     "xeon-cpu": dict(sizes=[0, 1, 2, 4, 8, 16, 32, 64, 128],
                      times=[0.108, 0.1205, 0.1265, 0.1856, 0.2452, 0.2482, 0.3151, 0.4447, 0.6536],
                      buckets=False, host=0.0, host_per_node=0.0, other=0.016, other_per_node=0.0005,
@@ -63,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--out", required=True)
     s = sub.add_parser("replay", help="replay fixed budgets and controllers on recorded trees")
-    s.add_argument("traces")
+    s.add_argument("traces", nargs="+", help="recordings (several: of the same prompts at different budgets)")
     s.add_argument("--costs", default="h200-fp32", help=f"one of {sorted(COSTS)} or a JSON file of the same fields")
     s.add_argument("--fixed", default="1:1,4:4,16:8,64:8,128:8", help="nodes:depth,... fixed budgets")
     s.add_argument("--grid", default="1,4,16,64,128", help="the controllers' node grid")
@@ -155,28 +167,33 @@ class CostModel:
 def replay_prompt(trace: dict, costs: CostModel, *, budget=None, controller=None, overlap=False,
                   visited: list | None = None) -> tuple[int, float]:
     """(tokens, seconds) of one prompt under a fixed ``budget`` or a ``controller``;
-    ``visited`` collects the position of every step."""
+    ``trace``: one recording of the prompt, or {recorded max_nodes: recording} (see the
+    module docstring); ``visited`` collects the position of every step."""
     from specdec.config import TreeBudget
 
-    steps = trace["steps"]
-    starts = [s["start"] for s in steps]
-    goal, new, elapsed = trace["new_tokens"], 0, 0.0
+    by_nodes = trace if "steps" not in trace else {0: trace}
+    first = next(iter(by_nodes.values()))
+    starts_of = {n: [s["start"] for s in t["steps"]] for n, t in by_nodes.items()}
+    goal, new, elapsed = first["new_tokens"], 0, 0.0
     if controller is not None:
         controller.begin_request("replay")
     pending, ahead = None, None
     while new < goal:
-        pos = starts[0] + new
-        if visited is not None:
-            visited.append(pos)
-        i = max(bisect.bisect_right(starts, pos) - 1, 0)
-        if i + 1 < len(starts) and starts[i + 1] - pos < pos - starts[i]:
-            i += 1  # the nearest recorded start
         if controller is None:
             chosen = budget
         elif ahead is not None:
             chosen, ahead = ahead, None
         else:
             chosen = controller.choose("replay")
+        rec = next(iter(by_nodes)) if len(by_nodes) == 1 else \
+            min((n for n in by_nodes if n >= chosen.max_nodes), default=max(by_nodes))
+        steps, starts = by_nodes[rec]["steps"], starts_of[rec]
+        pos = starts[0] + new
+        if visited is not None:
+            visited.append(pos)
+        i = max(bisect.bisect_right(starts, pos) - 1, 0)
+        if i + 1 < len(starts) and starts[i + 1] - pos < pos - starts[i]:
+            i += 1  # the nearest recorded start
         arm = TreeBudget(chosen.max_nodes, min(chosen.max_depth, goal - new - 1))
         tree, path = cut(steps[i], arm.max_nodes, arm.max_depth)
         verify, other = costs.step(len(tree))
@@ -197,11 +214,28 @@ def replay_prompt(trace: dict, costs: CostModel, *, budget=None, controller=None
     return new, elapsed
 
 
+def group_recordings(docs: list[dict]) -> list[dict]:
+    """Per prompt (in the first recording's order): {recorded max_nodes: its recording}."""
+    by_prompt: dict[tuple, dict] = {}
+    for d in docs:
+        nodes = int(d["budget"][0])
+        for t in d["traces"]:
+            runs = by_prompt.setdefault((t["subset"], t["id"]), {})
+            if nodes in runs:
+                raise ValueError(f"two recordings of {t['subset']} {t['id']} at {nodes} nodes")
+            runs[nodes] = t
+    full = [p for p in by_prompt.values() if len(p) == len(docs)]
+    if len(full) < len(by_prompt):
+        raise ValueError("the recordings do not cover the same prompts")
+    return [dict(sorted(p.items())) for p in full]
+
+
 def replay(args, doc: dict | None = None) -> dict:
     from specdec.adaptive import BudgetController, LatencyModel
     from specdec.config import TreeBudget
 
-    doc = doc or json.loads(Path(args.traces).read_text())
+    docs = [doc] if doc is not None else [json.loads(Path(f).read_text()) for f in args.traces]
+    prompts = group_recordings(docs)
     spec = COSTS.get(args.costs) or json.loads(Path(args.costs).read_text())
     fixed = {f"n{a}_d{b}": TreeBudget(int(a), int(b)) for a, b in (x.split(":") for x in args.fixed.split(","))}
     variants = json.loads(args.variants)
@@ -213,12 +247,12 @@ def replay(args, doc: dict | None = None) -> dict:
                                               latency=LatencyModel(spec["sizes"], spec["times"], buckets=spec["buckets"]),
                                               **opts) for name, opts in variants.items()}
         for _ in range(args.repeats):
-            for trace in doc["traces"]:
+            for trace in prompts:
                 runs = {m: replay_prompt(trace, costs, budget=b) for m, b in fixed.items()}
                 runs.update({m: replay_prompt(trace, costs, controller=c, overlap=spec["overlap"])
                              for m, c in controllers.items()})
                 for m, (tok, sec) in runs.items():
-                    for subset in (trace["subset"], "all"):
+                    for subset in (next(iter(trace.values()))["subset"], "all"):
                         totals[subset][m][0] += tok
                         totals[subset][m][1] += sec
     methods = list(fixed) + list(variants)
@@ -232,7 +266,8 @@ def replay(args, doc: dict | None = None) -> dict:
     for subset in sorted(table, key=lambda s: (s == "all", s)):
         print(f"{subset:28s}" + "".join(f"{table[subset][m]['vs_best_fixed']:13.3f}" for m in methods))
     result = {"costs": args.costs, "cost_model": spec, "variants": variants, "seeds": args.seeds,
-              "repeats": args.repeats, "jitter": args.jitter, "prompts": len(doc["traces"]), "table": table}
+              "repeats": args.repeats, "jitter": args.jitter, "prompts": len(prompts),
+              "recorded_budgets": sorted({d["budget"][0] for d in docs}), "table": table}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return result

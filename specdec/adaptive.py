@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .config import TreeBudget
-from .latency import LATENCY_GRID, LatencyModel, latency_key, pads_trees, runner_grid, runner_verify_fn
+from .latency import LATENCY_GRID, OUTLIER_CAP, LatencyModel, latency_key, pads_trees, runner_grid, runner_verify_fn
 from .tree import ROOT, TokenTree
 
 __all__ = ["AcceptanceCalibrator", "BudgetController", "ChainStopper", "DynamicTreeBuilder", "LatencyModel",
@@ -67,7 +67,7 @@ def _pav(y: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.array([b[0] / b[1] for b in blocks for _ in range(b[2])])
 
 
-_EYE3 = np.eye(3)
+_SLOPES = np.diag([0.0, 1.0, 1.0])  # the draft regression's ridge falls on its slopes only
 
 
 def _solve3(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -185,8 +185,10 @@ class _Stats:
     """One drafter's discounted statistics per arm (a TreeBudget)."""
 
     def __init__(self, n_arms: int, n_bins: int = 1):
-        self.M = np.zeros((6, n_arms))  # one array, so that decaying is one op; rows (views):
-        self.S, self.A, self.Q, self.Z, self.D, self.E = self.M  # count, acc, acc^2, size, depth, empty
+        self.M = np.zeros((8, n_arms))  # one array, so that decaying is one op; rows (views):
+        self.S, self.A, self.Q, self.Z, self.D, self.E = self.M[:6]  # count, acc, acc^2, size, depth, empty
+        # paired with the arm below, on the steps that revealed both: arm a's accepted, arm a - 1's
+        self.PA, self.PB = self.M[6:]
         self.H = np.zeros((2, n_bins, n_arms))  # per arm and size bin (size_bin): trees, their summed sizes
         self.N = 0.0  # discounted played steps
         self.R = np.zeros((3, n_arms))  # count, acc, empty per arm since the request began (discounted)
@@ -211,6 +213,8 @@ class _Stats:
         self.control_cost: float | None = None  # EMA of seconds per decision + observation
         self.step_cost: float | None = None  # EMA of seconds per step (draft side + verify)
         self.verify_cost: float | None = None  # EMA of seconds per verify
+        self.draft_cost: float | None = None  # EMA of the (capped) draft-side seconds per step
+        self.timed_steps = 0
         self.overlapped = False  # the caller runs the controller while the device verifies
 
     def decay(self, g: float) -> None:
@@ -226,23 +230,24 @@ class _Stats:
         for c in self.contexts.values():
             c.forget(keep)
 
-    def add(self, a: int, acc: float, size: float, depth: float) -> None:
-        self.M[:, a] += (1.0, acc, acc * acc, size, depth, float(size == 0))
-        self.R[:, a] += (1.0, acc, float(size == 0))
-        b = min(size_bin(size), self.H.shape[1] - 1)
-        self.H[:, b, a] += (1.0, size)
-
-    def add_many(self, arms: list[int], acc: list[float], size: list[float], depth: list[float]) -> None:
-        """``add`` for several arms at once (distinct arms)."""
+    def add_many(self, arms: list[int], acc: list[float], size: list[float], depth: list[float],
+                 weight: float = 1.0) -> None:
+        """One step's outcome for the arms it revealed (distinct, ascending; the last one
+        played, the others revealed, which count ``weight``)."""
         if arms:
-            rows = np.array([[1.0] * len(arms), acc, [x * x for x in acc], size, depth,
-                             [float(x == 0) for x in size]])
+            below = [acc[k - 1] if k and arms[k - 1] == a - 1 else 0.0 for k, a in enumerate(arms)]
+            paired = [1.0 if k and arms[k - 1] == a - 1 else 0.0 for k, a in enumerate(arms)]
+            w = [weight] * (len(arms) - 1) + [1.0]
+            rows = np.array([w, [x * v for x, v in zip(acc, w)], [x * x * v for x, v in zip(acc, w)],
+                             [x * v for x, v in zip(size, w)], [x * v for x, v in zip(depth, w)],
+                             [float(x == 0) * v for x, v in zip(size, w)],
+                             [x * p for x, p in zip(acc, paired)], below])
             self.M[:, arms] += rows
             self.R[:, arms] += rows[[0, 1, 5]]
             last = self.H.shape[1] - 1
             bins = [min(size_bin(x), last) for x in size]
-            self.H[0, bins, arms] += 1.0  # (distinct arms: distinct cells)
-            self.H[1, bins, arms] += size
+            self.H[0, bins, arms] += w  # (distinct arms: distinct cells)
+            self.H[1, bins, arms] += rows[3]
 
 
 class BudgetController:
@@ -314,6 +319,17 @@ class BudgetController:
                 is a capture, the controller kept trees at 0.8 nodes on average end to end;
                 with a measured curve it chose 64-node trees in a sweep of the same code);
                 "always" also on a CPU (seconds for a real model), "never" learns online.
+    draft_burn_in: the first this many timed steps do not teach the draft-time regression
+                (first uses: see ``_draft_sample``); later draft times count at most
+                ``OUTLIER_CAP`` times their running mean. ``ridge`` falls on the regression's
+                slopes only, so steps all of one size (the warm-up's) give a flat draft cost.
+    reveal_weight: how much a smaller arm's outcome read off a bigger played tree counts
+                against the played arm's own (1 = alike). The drafter's state follows the
+                budgets played (token recycling refreshes one row per verified node), so a
+                128-node run's trees cut to 16 nodes accept more than a 16-node run's own
+                (CPU, 36 code + math prompts: tau 2.41 vs 2.11).
+    paired:     price the arms above the one being played by a ladder of paired ratios
+                (``_ladder``) instead of their own, older, means.
     context_levels: condition each choice on the previous step's accepted count, capped at
                 ``context_levels - 1`` (acceptance comes in runs: after a long accept a big
                 tree pays more often than after a miss). Each context keeps its own arm
@@ -327,7 +343,8 @@ class BudgetController:
                  min_depth: int = 1, shift_z: float = 1.0, shift_keep: float = 0.05, probe_every: int = 8,
                  probe_cost: float = 0.01, context_levels: int = 0, context_prior: float = 4.0,
                  split_empty: bool = True, size_mix: bool = True, max_control_share: float = 0.03, max_stride: int = 8,
-                 measure_latency: str = "cuda", length_bands: bool = False, request_prior: float | None = None):
+                 measure_latency: str = "cuda", length_bands: bool = False, request_prior: float | None = None,
+                 paired: bool = False, draft_burn_in: int = 3, reveal_weight: float = 1.0):
         arms = list(arms) if arms is not None else [TreeBudget(n, min(n, max_depth)) for n in grid]
         if not arms:
             raise ValueError("BudgetController needs at least one arm")
@@ -347,6 +364,9 @@ class BudgetController:
             raise ValueError(f"measure_latency must be 'cuda', 'always' or 'never', got {measure_latency!r}")
         self.measure_latency = measure_latency
         self.length_bands = bool(length_bands)
+        self.paired = bool(paired)
+        self.draft_burn_in = int(draft_burn_in)
+        self.reveal_weight = float(reveal_weight)
         self._request_prior_auto = request_prior is None
         self.request_prior = 8.0 if request_prior is None else float(request_prior)  # (None: set by ``attach``)
         self._band: int | None = None
@@ -474,22 +494,41 @@ class BudgetController:
                     cal.observe(tree, accepted_nodes, feats)
         else:  # only the played arm and smaller ones that would have drafted this very tree
             depth = tree_size if depth is None else depth
-            for a, arm in enumerate(self.arms):
-                inside = arm.max_nodes <= eff.max_nodes and arm.max_depth <= eff.max_depth
-                fits = tree_size <= arm.max_nodes and depth <= arm.max_depth
-                if arm == eff or (fits and inside):
-                    for s in revealed:
-                        s.add(a, accepted, tree_size, depth)
+            arms = [a for a, arm in enumerate(self.arms) if arm == eff or (
+                tree_size <= arm.max_nodes and depth <= arm.max_depth
+                and arm.max_nodes <= eff.max_nodes and arm.max_depth <= eff.max_depth)]
+            for s in revealed:
+                s.add_many(arms, [accepted] * len(arms), [tree_size] * len(arms), [depth] * len(arms),
+                           self.reveal_weight)
         if self.context_levels > 1:
             st.ctx = min(int(accepted), self.context_levels - 1)
         if self.latency is None:
             self.latency = LatencyModel()
         if timed:
             self.latency.observe(tree_size, verify_time)
-            x = np.array([1.0, depth, tree_size / 16.0])
-            st.XtX += np.outer(x, x)
-            st.Xty += x * float(draft_time) / self._load()  # draft times in load-free seconds, like the curve
+            t_draft = self._draft_sample(st, float(draft_time), float(verify_time))
+            if t_draft is not None:
+                x = np.array([1.0, depth, tree_size / 16.0])
+                st.XtX += np.outer(x, x)
+                st.Xty += x * t_draft / self._load()  # draft times in load-free seconds, like the curve
         self._update_stride(st, st.choose_cost + time.perf_counter() - t0)
+
+    def _draft_sample(self, st: _Stats, t: float, verify: float) -> float | None:
+        """The draft-side time a step teaches the regression, or None. The first
+        ``draft_burn_in`` timed steps teach nothing and later ones at most ``OUTLIER_CAP``
+        times the typical one (an EMA of the capped samples): a step's draft side includes
+        first uses (a kernel compiled, a buffer allocated on the drafter's first calls), and
+        the first steps all play the largest arm (``warmup``), so their outliers read as a
+        steep cost of big trees. In an H200 run the controller sat at 1- and 4-node trees
+        for the first prompt's 80 steps; a replay with three 50 ms first steps reproduces it
+        (the slope learned: ~10 ms per 16 nodes, for ~300 steps)."""
+        st.timed_steps += 1
+        if st.timed_steps <= self.draft_burn_in:
+            return None
+        if st.draft_cost is not None:
+            t = min(t, OUTLIER_CAP * st.draft_cost)
+        st.draft_cost = t if st.draft_cost is None else 0.9 * st.draft_cost + 0.1 * t
+        return t
 
     def _update_stride(self, st: _Stats, cost: float) -> None:
         st.control_cost = cost if st.control_cost is None else 0.9 * st.control_cost + 0.1 * cost
@@ -544,7 +583,7 @@ class BudgetController:
                 acc += 1
             for col, x in zip(rows, (a, acc, size, depth)):
                 col.append(x)
-        st.add_many(*rows)
+        st.add_many(*rows, weight=self.reveal_weight)
 
     # -- estimates
     def _load(self) -> float:
@@ -553,7 +592,7 @@ class BudgetController:
     def _draft_weights(self, st: _Stats) -> np.ndarray:
         """Draft seconds ~ w . [1, depth, size / 16] at the current load (solved once per step)."""
         if st._w is None:
-            st._w = _solve3(st.XtX + self.ridge * _EYE3, st.Xty)
+            st._w = _solve3(st.XtX + self.ridge * _SLOPES + 1e-9 * np.eye(3), st.Xty)
         return st._w * self._load()
 
     def _estimates(self, st: _Stats, bonus: bool, ctx: _Stats | None = None
@@ -565,7 +604,7 @@ class BudgetController:
         S = st.S
         seen = S > 1e-6
         per = np.maximum(S, 1e-12)
-        ratios = st.M[1:] / per  # mean accepted, accepted^2, size, depth, P(empty) per arm
+        ratios = st.M[1:6] / per  # mean accepted, accepted^2, size, depth, P(empty) per arm
         empty = ratios[4] if self.split_empty else np.zeros_like(S)
         if seen.all():  # (the usual case)
             mean, sizes, depths = ratios[0], ratios[2], ratios[3]
@@ -579,6 +618,8 @@ class BudgetController:
             depths = np.where(seen, ratios[3], self._arm_depths)
             var = np.where(seen, np.maximum(st.Q - st.A * ratios[0], 0.0), 0.0)
             empty = np.where(seen, empty, 0.0)
+        if self.paired:
+            mean = self._ladder(st, mean)
         mean = _pav(mean, S + 1e-6)
         if self.request_prior > 0 and ctx is None:
             mean, empty = self._request_level(st, mean, empty)
@@ -609,6 +650,27 @@ class BudgetController:
             return value / cost, mean, cost
         st._est = (value / cost, mean, cost)
         return st._est
+
+    def _ladder(self, st: _Stats, mean: np.ndarray, shrink: float = 2.0) -> np.ndarray:
+        """Mean accepted per arm with the arms above the anchor (the largest arm revealed on at
+        least half as many recent steps as the most revealed one: the one being played) priced
+        by a ladder of ratios from it: arm a's mean = arm a - 1's times the ratio of their
+        accepted counts on the steps that revealed both (shrunk towards 1 by ``shrink`` steps).
+        A big arm's own mean dates from the stretch it was last played in; the ratio is a
+        paired comparison on the same trees, so it carries over to the current stretch."""
+        S = st.S
+        top = S.max()
+        if top <= 0:
+            return mean
+        anchor = int(np.flatnonzero(S >= 0.5 * top)[-1])
+        if anchor + 1 >= len(S):
+            return mean
+        out = mean.copy()
+        pa, pb = st.PA.tolist(), st.PB.tolist()
+        for a in range(anchor + 1, len(S)):
+            base = max(out[a - 1], 0.25)
+            out[a] = out[a - 1] * (pa[a] + shrink * base) / (pb[a] + shrink * base)
+        return out
 
     def _mixed_verify(self, st: _Stats, lat: LatencyModel, at_mean: np.ndarray) -> np.ndarray:
         """E[verify seconds | non-empty tree] per arm over the sizes it drafted (size

@@ -880,3 +880,26 @@ def test_request_prior_follows_the_device_unless_given(tmp_path, monkeypatch):
         pinned = BudgetController(latency=LatencyModel(), request_prior=3)
         pinned.attach(SimpleNamespace(device=device), model=model)
         assert pinned.request_prior == 3.0
+
+
+def test_first_steps_draft_outliers_do_not_steer_the_controller():
+    """The first steps' draft side includes first uses (compiles, allocations) and they all
+    play the largest arm (warm-up): taken as samples, they read as a steep draft cost of
+    big trees. They teach nothing (``draft_burn_in``) and later outliers are capped."""
+    def run(burn_in):
+        sim = TreeSim(0.85, noise=0.02, seed=3)
+        ctl = BudgetController(grid=(1, 4, 16, 64), latency=_linear_latency(sim), draft_burn_in=burn_in)
+        picks = []
+        for i in range(150):
+            arm = ctl.choose("sim")
+            tree, path, dt, vt = sim.step(arm)
+            if i < 3 or i == 60:  # first uses; one more stall later on
+                dt += 0.5
+            ctl.observe("sim", len(tree), len(path), dt, vt, tree=tree, accepted_nodes=path, budget=arm)
+            picks.append(arm)
+        return picks, {arm: sim.rate(arm) for arm in ctl.arms}
+
+    picks, rates = run(3)
+    _check_phase(picks, rates, tail=80)
+    picks, rates = run(0)  # every step taught: the big arms look dear for the whole run
+    assert Counter(picks[-80:]).most_common(1)[0][0] != max(rates, key=rates.get)

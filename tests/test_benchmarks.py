@@ -229,3 +229,21 @@ def test_replay_controller_record_and_replay(tmp_path):
     assert set(table) == {"humaneval", "all"} and set(table["all"]) == {"n1_d1", "n8_d4", "adaptive", "one-pool"}
     assert max(table["all"][m]["vs_best_fixed"] for m in ("n1_d1", "n8_d4")) == 1.0
     assert all(0 < v["vs_best_fixed"] < 2 for v in table["all"].values())
+    # a second recording at a smaller budget: each replayed budget takes its own run's trees
+    small = tmp_path / "traces2.json"
+    assert rc.main(["record", "--datasets", "humaneval", "--data-dir", str(data), "--limit", "2",
+                    "--max-new-tokens", "16", "--drafter", "ngram", "--nodes", "2", "--depth", "4",
+                    "--out", str(small)], model=tiny_model("llama")) == 0
+    doc2 = json.loads(small.read_text())
+    prompts = rc.group_recordings([doc, doc2])
+    assert [sorted(p) for p in prompts] == [[2, 8], [2, 8]]
+    for p, t in zip(prompts, doc2["traces"]):
+        visited = []
+        tokens, _ = rc.replay_prompt(p, costs, budget=TreeBudget(2, 4), visited=visited)
+        starts = [s["start"] for s in t["steps"]]
+        assert tokens == t["new_tokens"] and visited[:len(starts)] == starts
+    with pytest.raises(ValueError, match="same prompts"):
+        rc.group_recordings([doc, {"budget": [2, 4], "traces": doc2["traces"][:1]}])
+    assert rc.main(["replay", str(traces), str(small), "--costs", "h200-fp32", "--fixed", "2:2,8:4", "--grid", "2,8",
+                    "--max-depth", "4", "--seeds", "1", "--repeats", "1", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["recorded_budgets"] == [2, 8]

@@ -123,6 +123,7 @@ def record(args, model=None, tokenizer=None) -> dict:
             traces.append({"subset": subset, "id": p.id, "new_tokens": out.stats.new_tokens, "steps": steps})
             print(f"{subset} {p.id}: {len(steps)} steps recorded, {out.stats.new_tokens} tokens", flush=True)
     doc = {"drafter": args.drafter, "budget": [args.nodes, args.depth], "max_new_tokens": args.max_new_tokens,
+           "learns_from_tree": bool(getattr(drafter, "learns_from_tree", False)) if traces else False,
            "model": getattr(loaded, "name", None), "traces": traces}
     Path(args.out).write_text(json.dumps(doc))
     return doc
@@ -153,6 +154,14 @@ class CostModel:
         self.spec, self.jitter, self.rng = spec, float(jitter), random.Random(seed)
         self.curve = LatencyModel(spec["sizes"], spec["times"], buckets=spec["buckets"])  # the true curve
 
+    def fit_nodes(self, n: int) -> int:
+        """A bucketed runner's cut of a node budget (``GraphedCompactRunner.fit_nodes``): the
+        largest bucket's tree size <= n, so a 64-node budget drafts 63 nodes, not 64 nodes
+        priced as a 127-node bucket."""
+        if not self.spec["buckets"] or n < 1:
+            return n
+        return max((s for s in self.spec["sizes"] if 1 <= s <= n), default=n)
+
     def _noise(self) -> float:
         return math.exp(self.rng.gauss(0.0, self.jitter)) if self.jitter > 0 else 1.0
 
@@ -165,7 +174,7 @@ class CostModel:
 
 
 def replay_prompt(trace: dict, costs: CostModel, *, budget=None, controller=None, overlap=False,
-                  visited: list | None = None) -> tuple[int, float]:
+                  visited: list | None = None, learns_from_tree: bool = True) -> tuple[int, float]:
     """(tokens, seconds) of one prompt under a fixed ``budget`` or a ``controller``;
     ``trace``: one recording of the prompt, or {recorded max_nodes: recording} (see the
     module docstring); ``visited`` collects the position of every step."""
@@ -176,7 +185,7 @@ def replay_prompt(trace: dict, costs: CostModel, *, budget=None, controller=None
     starts_of = {n: [s["start"] for s in t["steps"]] for n, t in by_nodes.items()}
     goal, new, elapsed = first["new_tokens"], 0, 0.0
     if controller is not None:
-        controller.begin_request("replay")
+        controller.begin_request("replay", learns_from_tree=learns_from_tree)
     pending, ahead = None, None
     while new < goal:
         if controller is None:
@@ -195,7 +204,7 @@ def replay_prompt(trace: dict, costs: CostModel, *, budget=None, controller=None
         if i + 1 < len(starts) and starts[i + 1] - pos < pos - starts[i]:
             i += 1  # the nearest recorded start
         arm = TreeBudget(chosen.max_nodes, min(chosen.max_depth, goal - new - 1))
-        tree, path = cut(steps[i], arm.max_nodes, arm.max_depth)
+        tree, path = cut(steps[i], costs.fit_nodes(arm.max_nodes), arm.max_depth)
         verify, other = costs.step(len(tree))
         elapsed += verify + other
         new += min(len(path) + 1, goal - new)
@@ -236,6 +245,7 @@ def replay(args, doc: dict | None = None) -> dict:
 
     docs = [doc] if doc is not None else [json.loads(Path(f).read_text()) for f in args.traces]
     prompts = group_recordings(docs)
+    learns = all(d.get("learns_from_tree", "recycling" in d.get("drafter", "")) for d in docs)
     spec = COSTS.get(args.costs) or json.loads(Path(args.costs).read_text())
     fixed = {f"n{a}_d{b}": TreeBudget(int(a), int(b)) for a, b in (x.split(":") for x in args.fixed.split(","))}
     variants = json.loads(args.variants)
@@ -249,7 +259,7 @@ def replay(args, doc: dict | None = None) -> dict:
         for _ in range(args.repeats):
             for trace in prompts:
                 runs = {m: replay_prompt(trace, costs, budget=b) for m, b in fixed.items()}
-                runs.update({m: replay_prompt(trace, costs, controller=c, overlap=spec["overlap"])
+                runs.update({m: replay_prompt(trace, costs, controller=c, overlap=spec["overlap"], learns_from_tree=learns)
                              for m, c in controllers.items()})
                 for m, (tok, sec) in runs.items():
                     for subset in (next(iter(trace.values()))["subset"], "all"):

@@ -324,12 +324,26 @@ class BudgetController:
                 ``OUTLIER_CAP`` times their running mean. ``ridge`` falls on the regression's
                 slopes only, so steps all of one size (the warm-up's) give a flat draft cost.
     reveal_weight: how much a smaller arm's outcome read off a bigger played tree counts
-                against the played arm's own (1 = alike). The drafter's state follows the
-                budgets played (token recycling refreshes one row per verified node), so a
+                against the played arm's own, for a drafter that learns from every verified
+                node (``learns_from_tree``, told by ``begin_request``; 1 for the others). Its
+                state follows the budgets played (token recycling refreshes one row per
+                verified node, rejected ones too), so a
                 128-node run's trees cut to 16 nodes accept more than a 16-node run's own
-                (CPU, 36 code + math prompts: tau 2.41 vs 2.11).
-    paired:     price the arms above the one being played by a ladder of paired ratios
-                (``_ladder``) instead of their own, older, means.
+                (CPU, 36 code + math prompts: tau 2.41 vs 2.11; 64 nodes: 2.85 vs 2.74): read
+                at full weight, the small arms look better than they are and the controller
+                swings between 16- and 128-node trees (H200 runs: 64-node trees, the best
+                fixed budget, in few steps).
+    paired:     price the arms above the anchor (the arm being played) by a ladder of paired
+                ratios (``_ladder``) instead of their own, older, means. Replayed on trees
+                recorded at 16, 64 and 128 nodes (each arm drafted from its own state;
+                ``benchmarks/replay_controller.py``), 4 seeds x 2 passes, against the best fixed
+                budget, with ``reveal_weight`` 0.35 / 1 / previous (neither): H200 cost model,
+                code + math 0.974x / 0.951x / 0.956x, Spec-Bench 0.986x / 0.971x / 0.957x;
+                CPU cost model 1.033x / 1.037x / 1.015x and 1.105x / 1.114x / 1.105x
+                (``reveal_weight`` 0.2: 0.972x, 0.973x, 1.026x, 1.109x).
+    probe_top:  probes play the largest arm (which reveals every arm's pair at once) instead
+                of the arm just above the best (same replays, H200 model: 0.962x and 0.966x
+                with ``reveal_weight`` 0.2 against 0.982x and 0.988x: its probes cost more).
     context_levels: condition each choice on the previous step's accepted count, capped at
                 ``context_levels - 1`` (acceptance comes in runs: after a long accept a big
                 tree pays more often than after a miss). Each context keeps its own arm
@@ -344,7 +358,8 @@ class BudgetController:
                  probe_cost: float = 0.01, context_levels: int = 0, context_prior: float = 4.0,
                  split_empty: bool = True, size_mix: bool = True, max_control_share: float = 0.03, max_stride: int = 8,
                  measure_latency: str = "cuda", length_bands: bool = False, request_prior: float | None = None,
-                 paired: bool = False, draft_burn_in: int = 3, reveal_weight: float = 1.0):
+                 paired: bool = True, draft_burn_in: int = 3, reveal_weight: float = 0.35,
+                 probe_top: bool = False):
         arms = list(arms) if arms is not None else [TreeBudget(n, min(n, max_depth)) for n in grid]
         if not arms:
             raise ValueError("BudgetController needs at least one arm")
@@ -367,9 +382,11 @@ class BudgetController:
         self.paired = bool(paired)
         self.draft_burn_in = int(draft_burn_in)
         self.reveal_weight = float(reveal_weight)
+        self.probe_top = bool(probe_top)
         self._request_prior_auto = request_prior is None
         self.request_prior = 8.0 if request_prior is None else float(request_prior)  # (None: set by ``attach``)
         self._band: int | None = None
+        self._reveal: dict[str, float] = {}  # per drafter key: the weight of revealed arms
         self._stats: dict[str, _Stats] = {}
 
     @property
@@ -414,9 +431,12 @@ class BudgetController:
             cals[kind] = AcceptanceCalibrator(kind)
         return cals[kind]
 
-    def begin_request(self, key: str = "default") -> None:
+    def begin_request(self, key: str = "default", *, learns_from_tree: bool | None = None) -> None:
         """A new request (prompt) starts: its own statistics start from nothing (see
-        ``request_prior``), in every band of lengths; the pooled ones carry on."""
+        ``request_prior``), in every band of lengths; the pooled ones carry on.
+        ``learns_from_tree``: the drafter's ``learns_from_tree`` (see ``reveal_weight``)."""
+        if learns_from_tree is not None:
+            self._reveal[key] = self.reveal_weight if learns_from_tree else 1.0
         for name, st in self._stats.items():
             if name == key or name.startswith(f"{key}|len"):
                 st.R[:] = 0.0
@@ -441,9 +461,10 @@ class BudgetController:
             i = max(i for i, v in enumerate(vals) if v >= best * (1 - 1e-9))
             pst = cs or st  # probes are spaced per context
             if self.probe_every and i + 1 < len(self.arms):
-                wait = max(self.probe_every, (cost[i + 1] / cost[i] - 1.0) / max(self.probe_cost, 1e-9))
+                up = len(self.arms) - 1 if self.probe_top else i + 1
+                wait = max(self.probe_every, (cost[up] / cost[i] - 1.0) / max(self.probe_cost, 1e-9))
                 if pst.steps - pst.last_probe >= wait:
-                    i += 1  # probe one arm up
+                    i = up  # probe
                     pst.last_probe = pst.steps
             choice = self.arms[i]
         st.last = choice
@@ -486,7 +507,7 @@ class BudgetController:
             revealed.append(cs)
         if tree is not None and accepted_nodes is not None:
             for s in revealed:
-                self._observe_tree(s, tree, list(accepted_nodes), eff)
+                self._observe_tree(s, tree, list(accepted_nodes), eff, self._reveal.get(key, 1.0))
             depth = max(tree.depth_list, default=0)
             for kind, cal in self._state(key).calibrators.items():  # those a drafter asked for (they cost time)
                 feats = node_features(tree, kind)
@@ -499,7 +520,7 @@ class BudgetController:
                 and arm.max_nodes <= eff.max_nodes and arm.max_depth <= eff.max_depth)]
             for s in revealed:
                 s.add_many(arms, [accepted] * len(arms), [tree_size] * len(arms), [depth] * len(arms),
-                           self.reveal_weight)
+                           self._reveal.get(key, 1.0))
         if self.context_levels > 1:
             st.ctx = min(int(accepted), self.context_levels - 1)
         if self.latency is None:
@@ -556,7 +577,8 @@ class BudgetController:
             st.forget(self.shift_keep)
             st.drift = 0.0
 
-    def _observe_tree(self, st: _Stats, tree: TokenTree, path: list[int], eff: TreeBudget) -> None:
+    def _observe_tree(self, st: _Stats, tree: TokenTree, path: list[int], eff: TreeBudget,
+                      reveal_weight: float = 1.0) -> None:
         depths = tree.depth_list
         n = len(depths)
         prefix_max = list(itertools.accumulate(depths, max))  # deepest node among the first i + 1
@@ -583,7 +605,7 @@ class BudgetController:
                 acc += 1
             for col, x in zip(rows, (a, acc, size, depth)):
                 col.append(x)
-        st.add_many(*rows, weight=self.reveal_weight)
+        st.add_many(*rows, weight=reveal_weight)
 
     # -- estimates
     def _load(self) -> float:
@@ -655,9 +677,12 @@ class BudgetController:
         """Mean accepted per arm with the arms above the anchor (the largest arm revealed on at
         least half as many recent steps as the most revealed one: the one being played) priced
         by a ladder of ratios from it: arm a's mean = arm a - 1's times the ratio of their
-        accepted counts on the steps that revealed both (shrunk towards 1 by ``shrink`` steps).
-        A big arm's own mean dates from the stretch it was last played in; the ratio is a
-        paired comparison on the same trees, so it carries over to the current stretch."""
+        accepted counts on the steps that revealed both, shrunk by ``shrink`` steps towards
+        the ratio of the two arms' own means. A big arm's own mean dates from the stretch it
+        was last played in; the ratio is a paired comparison on the same trees, so it carries
+        over to the current stretch. (Shrunk towards 1 instead, ratios learned in a poor
+        stretch, where bigger trees add nothing, held a controller in small trees after the
+        stream improved: ``test_controller_moves_when_the_stream_shifts``.)"""
         S = st.S
         top = S.max()
         if top <= 0:
@@ -666,10 +691,11 @@ class BudgetController:
         if anchor + 1 >= len(S):
             return mean
         out = mean.copy()
-        pa, pb = st.PA.tolist(), st.PB.tolist()
+        pa, pb, own = st.PA.tolist(), st.PB.tolist(), np.maximum.accumulate(mean).tolist()
         for a in range(anchor + 1, len(S)):
             base = max(out[a - 1], 0.25)
-            out[a] = out[a - 1] * (pa[a] + shrink * base) / (pb[a] + shrink * base)
+            prior = own[a] / max(own[a - 1], 1e-3)  # the arms' own means' ratio, however old
+            out[a] = out[a - 1] * (pa[a] + shrink * base * prior) / (pb[a] + shrink * base)
         return out
 
     def _mixed_verify(self, st: _Stats, lat: LatencyModel, at_mean: np.ndarray) -> np.ndarray:

@@ -203,7 +203,7 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
     key = _adaptive.drafter_key(drafter)
     if controller is not None:
         controller.attach(runner, model)
-        controller.begin_request(key)
+        controller.begin_request(key, learns_from_tree=bool(getattr(drafter, "learns_from_tree", False)))
     _check_drafter(drafter, runner)
     if prompt.numel() > runner.max_length:
         raise ValueError(f"prompt has {prompt.numel()} tokens but the model's context is "

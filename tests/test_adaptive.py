@@ -903,3 +903,72 @@ def test_first_steps_draft_outliers_do_not_steer_the_controller():
     _check_phase(picks, rates, tail=80)
     picks, rates = run(0)  # every step taught: the big arms look dear for the whole run
     assert Counter(picks[-80:]).most_common(1)[0][0] != max(rates, key=rates.get)
+
+
+class CoupledSim(TreeSim):
+    """A drafter whose quality follows the budgets played, as token recycling's (small
+    trees refresh few rows): acceptance alpha * q, q an EMA of the played budget's quality
+    (1 for 16+ nodes, ``small_quality`` below). A small arm read off a big played tree
+    looks better than it drafts when played."""
+
+    def __init__(self, alpha, small_quality=0.6, **kw):
+        super().__init__(alpha, **kw)
+        self.base, self.q, self.small = alpha, 1.0, small_quality
+
+    def quality(self, budget):
+        return 1.0 if budget.max_nodes >= 16 else self.small
+
+    def step(self, budget):
+        self.q = 0.8 * self.q + 0.2 * self.quality(budget)
+        self.alpha = self.base * self.q
+        return super().step(budget)
+
+    def fixed_rate(self, budget):
+        self.alpha = self.base * self.quality(budget)
+        rate = self.rate(budget)
+        self.alpha = self.base
+        return rate
+
+
+def test_reveals_count_less_for_a_drafter_that_learns_from_the_tree():
+    """``begin_request(learns_from_tree=True)``: arms read off a bigger tree count
+    ``reveal_weight``, so a drafter whose state follows the budget is not steered into
+    small trees that only look good while big ones are played."""
+    def realised(seed, learns):
+        sim = CoupledSim(0.7, seed=seed, noise=0.02)
+        ctl = BudgetController(latency=_linear_latency(sim))
+        ctl.begin_request("sim", learns_from_tree=learns)
+        tok = tim = 0.0
+        for i in range(600):
+            arm = ctl.choose("sim")
+            tree, path, dt, vt = sim.step(arm)
+            ctl.observe("sim", len(tree), len(path), dt, vt, tree=tree, accepted_nodes=path, budget=arm)
+            if i >= 200:
+                tok, tim = tok + len(path) + 1, tim + dt + vt
+        return tok / tim / max(sim.fixed_rate(a) for a in ctl.arms)
+
+    weighted = [realised(s, True) for s in (4, 5, 6)]
+    alike = [realised(s, False) for s in (4, 5, 6)]
+    assert min(weighted) >= 0.95, weighted
+    assert min(alike) < min(weighted) - 0.05, (alike, weighted)  # seed 5: 0.86 read alike
+
+
+def test_drafters_say_whether_they_learn_from_the_whole_tree():
+    from specdec.drafters.merged import MergedDrafter
+    from specdec.drafters.ngram import NgramDrafter
+    from specdec.drafters.recycling import RecyclingDrafter
+
+    rec = RecyclingDrafter(vocab_size=32)
+    assert rec.learns_from_tree and not NgramDrafter().learns_from_tree
+    assert NgramDrafter(topk_all_nodes=True).learns_from_tree
+    assert MergedDrafter([NgramDrafter(), rec]).learns_from_tree
+    assert not MergedDrafter([NgramDrafter()]).learns_from_tree
+    ctl = BudgetController(grid=(1, 2, 4), max_depth=4)
+    tree = TokenTree(torch.tensor([5, 6, 7]), torch.tensor([-1, 0, 1]))
+    for learns, weight in ((True, ctl.reveal_weight), (False, 1.0)):
+        ctl.begin_request(str(learns), learns_from_tree=learns)
+        ctl.choose(str(learns))
+        ctl.observe(str(learns), 3, 2, 0.001, 0.01, tree=tree, accepted_nodes=[0, 1], budget=TreeBudget(4, 4))
+        st = ctl._state(str(learns))
+        assert st.S.tolist() == pytest.approx([weight, weight, 1.0])  # the played arm counts 1
+        assert st.PA.tolist() == [0.0, 2.0, 2.0] and st.PB.tolist() == [0.0, 1.0, 2.0]  # pairs: unweighted

@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<date>-<device>/)")
     p.add_argument("--tag", default="")
+    p.add_argument("--trace-controller", action="store_true",
+                   help="keep every decision of the adaptive settings (per arm: estimated mean accepted, "
+                        "seconds per step, index) in the JSON records")
     args = p.parse_args(argv)
     if args.dtype is None:
         args.dtype = "bfloat16" if str(args.device).startswith("cuda") else "float32"
@@ -125,11 +128,14 @@ def run_one(runner, ids, drafter, *, max_new_tokens, eos, budget=None, controlle
     sync()
     t0 = time.perf_counter()
     kw = {"adaptive": controller} if controller is not None else {"budget": budget}
+    trace = controller.trace if controller is not None else None
+    if trace is not None:
+        trace.clear()
     out = specdec.generate(runner, ids.to(runner.device), drafter=drafter, max_new_tokens=max_new_tokens,
                            eos_token_id=eos, **kw)
     sync()
     s = out.stats
-    return {"tokens": out.new_tokens.tolist(), "wall_s": time.perf_counter() - t0, "prefill_s": s.prefill_time_s,
+    return ({"controller_trace": list(trace)} if trace is not None else {}) | {"tokens": out.new_tokens.tolist(), "wall_s": time.perf_counter() - t0, "prefill_s": s.prefill_time_s,
             "new_tokens": s.new_tokens, "steps": s.steps, "accepted": sum(s.accepted_per_step),
             "tree_nodes": sum(s.tree_sizes), "budgets": list(s.budgets), "draft_s": s.draft_time_s,
             "verify_s": s.verify_time_s, "update_s": s.update_time_s, "control_s": s.control_time_s}
@@ -273,6 +279,9 @@ def main(argv=None, *, model=None, tokenizer=None) -> int:
         raise SystemExit("--variants: a JSON object {name: {BudgetController options}}")
     controllers = {name: BudgetController(grid=grid, max_depth=max_depth, latency=latency.copy() if latency else None,
                                           **opts) for name, opts in variants.items()}
+    if args.trace_controller:
+        for ctl in controllers.values():
+            ctl.trace = []
     default = TreeBudget()
     if default not in fixed:
         fixed.append(default)

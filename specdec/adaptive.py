@@ -387,6 +387,10 @@ class BudgetController:
         self.request_prior = 8.0 if request_prior is None else float(request_prior)  # (None: set by ``attach``)
         self._band: int | None = None
         self._reveal: dict[str, float] = {}  # per drafter key: the weight of revealed arms
+        # a list to record every full decision in (step, arm index, probe, and per arm the
+        # estimated mean accepted, seconds per step and index), or None (what a sweep's
+        # --trace-controller keeps: why the controller chose what it chose)
+        self.trace: list | None = None
         self._stats: dict[str, _Stats] = {}
 
     @property
@@ -455,18 +459,22 @@ class BudgetController:
             choice = self.arms[-1]
         else:
             cs = st.contexts.get(st.chosen_ctx) if st.chosen_ctx is not None else None
-            idx, _, cost = self._estimates(st, bonus=True, ctx=cs)
+            idx, mean, cost = self._estimates(st, bonus=True, ctx=cs)
             vals = idx.tolist()
             best = max(vals)
             i = max(i for i, v in enumerate(vals) if v >= best * (1 - 1e-9))
             pst = cs or st  # probes are spaced per context
+            probe = False
             if self.probe_every and i + 1 < len(self.arms):
                 up = len(self.arms) - 1 if self.probe_top else i + 1
                 wait = max(self.probe_every, (cost[up] / cost[i] - 1.0) / max(self.probe_cost, 1e-9))
                 if pst.steps - pst.last_probe >= wait:
-                    i = up  # probe
+                    i, probe = up, True
                     pst.last_probe = pst.steps
             choice = self.arms[i]
+            if self.trace is not None:
+                self.trace.append({"step": st.steps, "arm": i, "probe": probe, "mean": mean.round(4).tolist(),
+                                   "cost_ms": (cost * 1e3).round(4).tolist(), "index": [round(v, 2) for v in vals]})
         st.last = choice
         st.choose_cost = time.perf_counter() - t0
         return choice

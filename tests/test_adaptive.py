@@ -721,7 +721,8 @@ def test_sweep_adaptive_smoke(tmp_path, monkeypatch):
     out = tmp_path / "out"
     rc = main(["--datasets", "humaneval,gsm8k", "--data-dir", str(data), "--limit", "1", "--max-new-tokens", "8",
                "--nodes", "1,4", "--depths", "4", "--latency-grid", "0,4,16", "--device", "cpu", "--out", str(out),
-               "--repeats", "2", "--variants", '{"adaptive": {}, "adaptive-ctx3": {"context_levels": 3}}'],
+               "--repeats", "2", "--variants", '{"adaptive": {}, "adaptive-ctx3": {"context_levels": 3}}',
+               "--trace-controller"],
               model=tiny_model("llama"))
     assert rc == 0
     [js] = out.glob("sweep_adaptive_*.json")
@@ -737,6 +738,10 @@ def test_sweep_adaptive_smoke(tmp_path, monkeypatch):
     assert list((tmp_path / "cache" / "latency").glob("*.json"))
     assert res["settings"]["repeats"] == 2 and all(r["rounds"] == 2 for r in res["records"])
     assert "median of 2 rounds" in md
+    traced = [r for r in res["records"] if r["method"] == "adaptive"]
+    assert all(r["controller_trace"] for r in traced) and "controller_trace" not in res["records"][0]
+    decision = traced[-1]["controller_trace"][-1]
+    assert len(decision["mean"]) == len(decision["cost_ms"]) == 2 and decision["arm"] in (0, 1)
 
 
 def test_sweep_median_round():

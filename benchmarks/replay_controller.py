@@ -252,14 +252,16 @@ def replay(args, doc: dict | None = None) -> dict:
     grid = [int(n) for n in args.grid.split(",")]
     totals = collections.defaultdict(lambda: collections.defaultdict(lambda: [0, 0.0]))  # subset -> method -> [tok, s]
     for seed in range(args.seeds):
-        costs = CostModel(spec, args.jitter, seed)
+        # one cost model per method, all seeded alike: every method draws the same jitter
+        # sequence (common random numbers), so identical controllers replay identically
+        costs = {m: CostModel(spec, args.jitter, seed) for m in list(fixed) + list(variants)}
         controllers = {name: BudgetController(grid=grid, max_depth=args.max_depth, max_control_share=0.0,
                                               latency=LatencyModel(spec["sizes"], spec["times"], buckets=spec["buckets"]),
                                               **opts) for name, opts in variants.items()}
         for _ in range(args.repeats):
             for trace in prompts:
-                runs = {m: replay_prompt(trace, costs, budget=b) for m, b in fixed.items()}
-                runs.update({m: replay_prompt(trace, costs, controller=c, overlap=spec["overlap"], learns_from_tree=learns)
+                runs = {m: replay_prompt(trace, costs[m], budget=b) for m, b in fixed.items()}
+                runs.update({m: replay_prompt(trace, costs[m], controller=c, overlap=spec["overlap"], learns_from_tree=learns)
                              for m, c in controllers.items()})
                 for m, (tok, sec) in runs.items():
                     for subset in (next(iter(trace.values()))["subset"], "all"):

@@ -262,7 +262,10 @@ class BudgetController:
                 in a simulation of interleaved requests of two kinds on a CPU-like latency
                 curve 0.3 kept playing the other kind's trees (worst kind 0.90x of its best
                 fixed budget, 0.94x at 0.1).
-    warmup:     steps on the largest arm first: they reveal every smaller arm at once.
+    warmup:     steps on the largest arm first: they reveal every smaller arm at once (and
+                more until one has: a request's last steps cap the depth, so a short first
+                request reveals nothing; an H200 sweep's 8-token warm-up left the first
+                decisions with every mean at 0 and 1- to 4-node trees for its first prompt).
     shift_z:    change detection: when the EMA (rate 0.1) of the played arm's z-score
                 exceeds this, all statistics but ``shift_keep`` of their weight are dropped.
     min_depth:  chain stopping never stops before this many tokens.
@@ -455,7 +458,7 @@ class BudgetController:
         t0 = time.perf_counter()
         st.since_choice = 0
         st.chosen_ctx = st.ctx if self.context_levels > 1 else None
-        if st.steps < self.warmup:
+        if st.steps < self.warmup or not st.S[-1] > 0:
             choice = self.arms[-1]
         else:
             cs = st.contexts.get(st.chosen_ctx) if st.chosen_ctx is not None else None

@@ -373,6 +373,19 @@ def test_controller_warmup_and_counterfactual_arms():
     assert set(rates) == set(ctl.arms) and all(r > 0 for r in rates.values())
 
 
+def test_warmup_lasts_until_the_largest_arm_is_revealed():
+    """Steps whose depth is capped (a request's last tokens) reveal no full-depth arm: the
+    warm-up goes on until the largest arm has been seen once."""
+    ctl = BudgetController(grid=(1, 2, 4), max_depth=4, warmup=2)
+    chain = TokenTree(torch.tensor([5]), torch.tensor([-1]))
+    for _ in range(3):  # three capped steps (depth 1 left): past the warm-up count, nothing revealed
+        assert ctl.choose("k") == TreeBudget(4, 4)
+        ctl.observe("k", 1, 1, 0.01, 0.02, tree=chain, accepted_nodes=[0], budget=TreeBudget(4, 1))
+    tree = TokenTree(torch.tensor([5, 6, 7, 8]), torch.tensor([-1, 0, 1, 2]))
+    ctl.observe("k", 4, 0, 0.01, 0.02, tree=tree, accepted_nodes=[], budget=TreeBudget(4, 4))
+    assert ctl._stats["k"].S[-1] > 0 and ctl.choose("k") != TreeBudget(4, 4)  # the estimates decide now
+
+
 def test_stop_rule_and_should_continue():
     sim = TreeSim(0.6, seed=4)
     ctl = BudgetController(latency=_linear_latency(sim))

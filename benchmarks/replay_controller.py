@@ -258,6 +258,8 @@ def replay(args, doc: dict | None = None) -> dict:
         controllers = {name: BudgetController(grid=grid, max_depth=args.max_depth, max_control_share=0.0,
                                               latency=LatencyModel(spec["sizes"], spec["times"], buckets=spec["buckets"]),
                                               **opts) for name, opts in variants.items()}
+        for c in controllers.values():
+            c.use_fit(costs[next(iter(costs))].fit_nodes)
         for _ in range(args.repeats):
             for trace in prompts:
                 runs = {m: replay_prompt(trace, costs[m], budget=b) for m, b in fixed.items()}

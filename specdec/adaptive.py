@@ -367,7 +367,8 @@ class BudgetController:
         if not arms:
             raise ValueError("BudgetController needs at least one arm")
         self.arms = sorted(set(arms), key=lambda b: (b.max_nodes, b.max_depth))
-        self._arm_nodes = np.array([float(b.max_nodes) for b in self.arms])
+        self._drafted = [b.max_nodes for b in self.arms]  # the nodes each arm drafts (see ``use_fit``)
+        self._arm_nodes = np.array([float(n) for n in self._drafted])
         self._arm_depths = np.array([float(b.max_depth) for b in self.arms])
         self._n_bins = size_bin(max(b.max_nodes for b in self.arms)) + 1
         self.latency = latency
@@ -418,6 +419,21 @@ class BudgetController:
                 lm = LatencyModel(runner_grid(runner), key=key)
             lm.buckets = pads_trees(runner)
             self.latency = lm
+        self.use_fit(getattr(runner, "fit_nodes", None))
+
+    def use_fit(self, fit_nodes: Callable[[int], int] | None) -> None:
+        """The runner's cut of a node budget (``GraphedCompactRunner.fit_nodes``: a 64-node
+        budget drafts 63 nodes, so that root + tree fill a 64-row CUDA-graph bucket). A
+        smaller arm read off a bigger tree is cut where it would have been drafted: read as
+        64 nodes, a 64-node arm's trees cut from 127-node ones were priced as the 128-row
+        bucket, as dear as the 128-node arm's (in an H200 sweep the estimated cost ratio of
+        the two had a median of 1.05 against 1.12 measured, and 128-node trees were played
+        in a third of the steps where 64 was the best fixed budget)."""
+        self._drafted = [max(1, int(fit_nodes(b.max_nodes))) if fit_nodes is not None and b.max_nodes >= 1
+                         else b.max_nodes for b in self.arms]
+        self._arm_nodes = np.array([float(n) for n in self._drafted])
+        for st in self._stats.values():
+            st._est = None
 
     def set_sequence_length(self, n: int) -> None:
         """The sequence length of the steps to come: with ``length_bands`` the arm
@@ -527,7 +543,7 @@ class BudgetController:
         else:  # only the played arm and smaller ones that would have drafted this very tree
             depth = tree_size if depth is None else depth
             arms = [a for a, arm in enumerate(self.arms) if arm == eff or (
-                tree_size <= arm.max_nodes and depth <= arm.max_depth
+                tree_size <= self._drafted[a] and depth <= arm.max_depth
                 and arm.max_nodes <= eff.max_nodes and arm.max_depth <= eff.max_depth)]
             for s in revealed:
                 s.add_many(arms, [accepted] * len(arms), [tree_size] * len(arms), [depth] * len(arms),
@@ -603,7 +619,8 @@ class BudgetController:
                 # controller at 0.92x of the best fixed budget; without, 0.98x). Bigger
                 # arms learn from their own steps and probes.
                 continue
-            m = min(n, arm.max_nodes)  # the arm's tree: the first m nodes, minus those too deep
+            cap = self._drafted[a]
+            m = min(n, cap)  # the arm's tree: the first m nodes, minus those too deep
             if m == 0 or prefix_max[m - 1] <= arm.max_depth:
                 size, depth = m, (prefix_max[m - 1] if m else 0)
             else:
@@ -611,7 +628,7 @@ class BudgetController:
                 size, depth = len(keep), max(keep, default=0)
             acc = 0
             for v in path:
-                if v >= arm.max_nodes or depths[v] > arm.max_depth:
+                if v >= cap or depths[v] > arm.max_depth:
                     break
                 acc += 1
             for col, x in zip(rows, (a, acc, size, depth)):

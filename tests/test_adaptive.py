@@ -990,3 +990,17 @@ def test_drafters_say_whether_they_learn_from_the_whole_tree():
         st = ctl._state(str(learns))
         assert st.S.tolist() == pytest.approx([weight, weight, 1.0])  # the played arm counts 1
         assert st.PA.tolist() == [0.0, 2.0, 2.0] and st.PB.tolist() == [0.0, 1.0, 2.0]  # pairs: unweighted
+
+
+def test_smaller_arms_are_read_where_the_runner_cuts_them():
+    """With a bucketed runner's ``fit_nodes`` (a 4-node budget drafts 3 nodes), a smaller
+    arm read off a bigger tree is cut at the nodes it would draft, not at its budget."""
+    ctl = BudgetController(grid=(4, 8), max_depth=8)
+    ctl.use_fit(lambda n: max(b for b in (1, 3, 7) if b <= n))  # buckets of 2, 4, 8 rows
+    assert ctl._drafted == [3, 7]
+    chain = TokenTree(torch.arange(7), torch.tensor([-1, 0, 1, 2, 3, 4, 5]))
+    ctl.choose("k")
+    ctl.observe("k", 7, 5, 0.001, 0.01, tree=chain, accepted_nodes=[0, 1, 2, 3, 4], budget=TreeBudget(8, 8))
+    st = ctl._state("k")
+    assert st.Z.tolist() == [3.0, 7.0]  # sizes: 3, not 4 (no drafter flag: reveals count 1)
+    assert st.A.tolist() == [3.0, 5.0]  # the 4-node arm accepts what its 3 drafted nodes hold

@@ -330,23 +330,19 @@ class BudgetController:
                 against the played arm's own, for a drafter that learns from every verified
                 node (``learns_from_tree``, told by ``begin_request``; 1 for the others). Its
                 state follows the budgets played (token recycling refreshes one row per
-                verified node, rejected ones too), so a
-                128-node run's trees cut to 16 nodes accept more than a 16-node run's own
-                (CPU, 36 code + math prompts: tau 2.41 vs 2.11; 64 nodes: 2.85 vs 2.74): read
-                at full weight, the small arms look better than they are and the controller
-                swings between 16- and 128-node trees (H200 runs: 64-node trees, the best
-                fixed budget, in few steps).
+                verified node, rejected ones too), so a 128-node run's trees cut to 16 nodes
+                accept more than a 16-node run's own (CPU, 36 code + math prompts: tau 2.41 vs
+                2.11; 64 nodes: 2.85 vs 2.74). 1 (off) by default: 0.35 helped in a simulated
+                drafter of that kind (``CoupledSim`` in the tests) and in replays of recorded
+                trees, but not in real runs (see ``paired``).
     paired:     price the arms above the anchor (the arm being played) by a ladder of paired
-                ratios (``_ladder``) instead of their own, older, means. Replayed on trees
-                recorded at 16, 64 and 128 nodes (each arm drafted from its own state;
-                ``benchmarks/replay_controller.py``), 4 seeds x 2 passes, against the best fixed
-                budget, with ``reveal_weight`` 0.35 / 1 / previous (neither): H200 cost model,
-                code + math 0.974x / 0.951x / 0.956x, Spec-Bench 0.986x / 0.971x / 0.957x;
-                CPU cost model 1.033x / 1.037x / 1.015x and 1.105x / 1.114x / 1.105x
-                (``reveal_weight`` 0.2: 0.972x, 0.973x, 1.026x, 1.109x).
-    probe_top:  probes play the largest arm (which reveals every arm's pair at once) instead
-                of the arm just above the best (same replays, H200 model: 0.962x and 0.966x
-                with ``reveal_weight`` 0.2 against 0.982x and 0.988x: its probes cost more).
+                ratios (``_ladder``) instead of their own, older, means. Off by default. With
+                ``reveal_weight`` 0.35 it was ahead in replays of trees recorded at 16, 64 and
+                128 nodes (each arm drafted from its own state; 8 seeds x 2 passes, H200 cost
+                model: 0.978x / 0.996x of the best fixed budget against 0.975x / 0.978x on
+                code + math / Spec-Bench), but behind in the real runs: H200 fp32, 48 prompts,
+                0.97x against 0.98x; CPU (the s8 sweeps) 1.01x against 1.07x on code + math,
+                0.96x against 0.97x on Spec-Bench.
     context_levels: condition each choice on the previous step's accepted count, capped at
                 ``context_levels - 1`` (acceptance comes in runs: after a long accept a big
                 tree pays more often than after a miss). Each context keeps its own arm
@@ -361,8 +357,7 @@ class BudgetController:
                  probe_cost: float = 0.01, context_levels: int = 0, context_prior: float = 4.0,
                  split_empty: bool = True, size_mix: bool = True, max_control_share: float = 0.03, max_stride: int = 8,
                  measure_latency: str = "cuda", length_bands: bool = False, request_prior: float | None = None,
-                 paired: bool = True, draft_burn_in: int = 3, reveal_weight: float = 0.35,
-                 probe_top: bool = False):
+                 paired: bool = False, draft_burn_in: int = 3, reveal_weight: float = 1.0):
         arms = list(arms) if arms is not None else [TreeBudget(n, min(n, max_depth)) for n in grid]
         if not arms:
             raise ValueError("BudgetController needs at least one arm")
@@ -386,7 +381,6 @@ class BudgetController:
         self.paired = bool(paired)
         self.draft_burn_in = int(draft_burn_in)
         self.reveal_weight = float(reveal_weight)
-        self.probe_top = bool(probe_top)
         self._request_prior_auto = request_prior is None
         self.request_prior = 8.0 if request_prior is None else float(request_prior)  # (None: set by ``attach``)
         self._band: int | None = None
@@ -485,10 +479,9 @@ class BudgetController:
             pst = cs or st  # probes are spaced per context
             probe = False
             if self.probe_every and i + 1 < len(self.arms):
-                up = len(self.arms) - 1 if self.probe_top else i + 1
-                wait = max(self.probe_every, (cost[up] / cost[i] - 1.0) / max(self.probe_cost, 1e-9))
+                wait = max(self.probe_every, (cost[i + 1] / cost[i] - 1.0) / max(self.probe_cost, 1e-9))
                 if pst.steps - pst.last_probe >= wait:
-                    i, probe = up, True
+                    i, probe = i + 1, True  # probe one arm up
                     pst.last_probe = pst.steps
             choice = self.arms[i]
             if self.trace is not None:

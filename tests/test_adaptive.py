@@ -153,9 +153,12 @@ def test_controller_stride_keeps_its_cost_share_and_still_converges(scale):
         assert st.stride == 1 and st.control_cost < 0.03 * st.step_cost
 
 
-def test_controller_moves_when_the_stream_shifts():
+@pytest.mark.parametrize("paired", [False, True])
+def test_controller_moves_when_the_stream_shifts(paired):
+    """Both ways; with ``paired`` too, whose ratios learned in the poor phase (where bigger
+    trees add nothing) are shrunk towards the arms' own means' ratio."""
     sim = TreeSim(0.85, seed=2)
-    ctl = BudgetController(latency=_linear_latency(sim))
+    ctl = BudgetController(latency=_linear_latency(sim), paired=paired)
     phases = _drive(ctl, sim, [(0.85, 300), (0.2, 300), (0.85, 300)])
     bests = [max(r, key=r.get).max_nodes for _, r in phases]
     assert bests[0] > bests[1] < bests[2]  # the best fixed budget really moves
@@ -949,12 +952,12 @@ class CoupledSim(TreeSim):
 
 
 def test_reveals_count_less_for_a_drafter_that_learns_from_the_tree():
-    """``begin_request(learns_from_tree=True)``: arms read off a bigger tree count
-    ``reveal_weight``, so a drafter whose state follows the budget is not steered into
-    small trees that only look good while big ones are played."""
+    """``begin_request(learns_from_tree=True)`` with the opt-in ``reveal_weight`` (0.35, with
+    ``paired``): arms read off a bigger tree count less, so a drafter whose state follows the
+    budget is not steered into small trees that only look good while big ones are played."""
     def realised(seed, learns):
         sim = CoupledSim(0.7, seed=seed, noise=0.02)
-        ctl = BudgetController(latency=_linear_latency(sim))
+        ctl = BudgetController(latency=_linear_latency(sim), reveal_weight=0.35, paired=True)
         ctl.begin_request("sim", learns_from_tree=learns)
         tok = tim = 0.0
         for i in range(600):
@@ -981,9 +984,9 @@ def test_drafters_say_whether_they_learn_from_the_whole_tree():
     assert NgramDrafter(topk_all_nodes=True).learns_from_tree
     assert MergedDrafter([NgramDrafter(), rec]).learns_from_tree
     assert not MergedDrafter([NgramDrafter()]).learns_from_tree
-    ctl = BudgetController(grid=(1, 2, 4), max_depth=4)
+    ctl = BudgetController(grid=(1, 2, 4), max_depth=4, reveal_weight=0.35)
     tree = TokenTree(torch.tensor([5, 6, 7]), torch.tensor([-1, 0, 1]))
-    for learns, weight in ((True, ctl.reveal_weight), (False, 1.0)):
+    for learns, weight in ((True, 0.35), (False, 1.0)):
         ctl.begin_request(str(learns), learns_from_tree=learns)
         ctl.choose(str(learns))
         ctl.observe(str(learns), 3, 2, 0.001, 0.01, tree=tree, accepted_nodes=[0, 1], budget=TreeBudget(4, 4))

@@ -547,14 +547,14 @@ class BudgetController:
             self.latency = LatencyModel()
         if timed:
             self.latency.observe(tree_size, verify_time)
-            t_draft = self._draft_sample(st, float(draft_time), float(verify_time))
+            t_draft = self._draft_sample(st, float(draft_time))
             if t_draft is not None:
                 x = np.array([1.0, depth, tree_size / 16.0])
                 st.XtX += np.outer(x, x)
                 st.Xty += x * t_draft / self._load()  # draft times in load-free seconds, like the curve
         self._update_stride(st, st.choose_cost + time.perf_counter() - t0)
 
-    def _draft_sample(self, st: _Stats, t: float, verify: float) -> float | None:
+    def _draft_sample(self, st: _Stats, t: float) -> float | None:
         """The draft-side time a step teaches the regression, or None. The first
         ``draft_burn_in`` timed steps teach nothing and later ones at most ``OUTLIER_CAP``
         times the typical one (an EMA of the capped samples): a step's draft side includes

@@ -194,8 +194,7 @@ def replay_prompt(trace: dict, costs: CostModel, *, budget=None, controller=None
             chosen, ahead = ahead, None
         else:
             chosen = controller.choose("replay")
-        rec = next(iter(by_nodes)) if len(by_nodes) == 1 else \
-            min((n for n in by_nodes if n >= chosen.max_nodes), default=max(by_nodes))
+        rec = min((n for n in by_nodes if n >= chosen.max_nodes), default=max(by_nodes))
         steps, starts = by_nodes[rec]["steps"], starts_of[rec]
         pos = starts[0] + new
         if visited is not None:

@@ -68,6 +68,7 @@ def _pav(y: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 _SLOPES = np.diag([0.0, 1.0, 1.0])  # the draft regression's ridge falls on its slopes only
+_JITTER3 = 1e-9 * np.eye(3)  # (keeps the solve regular before any step was timed)
 
 
 def _solve3(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -235,13 +236,13 @@ class _Stats:
         """One step's outcome for the arms it revealed (distinct, ascending; the last one
         played, the others revealed, which count ``weight``)."""
         if arms:
-            below = [acc[k - 1] if k and arms[k - 1] == a - 1 else 0.0 for k, a in enumerate(arms)]
-            paired = [1.0 if k and arms[k - 1] == a - 1 else 0.0 for k, a in enumerate(arms)]
+            paired = [k > 0 and arms[k - 1] == a - 1 for k, a in enumerate(arms)]  # the arm below came too
             w = [weight] * (len(arms) - 1) + [1.0]
             rows = np.array([w, [x * v for x, v in zip(acc, w)], [x * x * v for x, v in zip(acc, w)],
                              [x * v for x, v in zip(size, w)], [x * v for x, v in zip(depth, w)],
                              [float(x == 0) * v for x, v in zip(size, w)],
-                             [x * p for x, p in zip(acc, paired)], below])
+                             [x if p else 0.0 for x, p in zip(acc, paired)],
+                             [acc[k - 1] if p else 0.0 for k, p in enumerate(paired)]])
             self.M[:, arms] += rows
             self.R[:, arms] += rows[[0, 1, 5]]
             last = self.H.shape[1] - 1
@@ -362,8 +363,6 @@ class BudgetController:
         if not arms:
             raise ValueError("BudgetController needs at least one arm")
         self.arms = sorted(set(arms), key=lambda b: (b.max_nodes, b.max_depth))
-        self._drafted = [b.max_nodes for b in self.arms]  # the nodes each arm drafts (see ``use_fit``)
-        self._arm_nodes = np.array([float(n) for n in self._drafted])
         self._arm_depths = np.array([float(b.max_depth) for b in self.arms])
         self._n_bins = size_bin(max(b.max_nodes for b in self.arms)) + 1
         self.latency = latency
@@ -390,6 +389,7 @@ class BudgetController:
         # --trace-controller keeps: why the controller chose what it chose)
         self.trace: list | None = None
         self._stats: dict[str, _Stats] = {}
+        self.use_fit(None)  # the nodes each arm drafts: its budget, until a runner says otherwise
 
     @property
     def max_budget(self) -> TreeBudget:
@@ -423,8 +423,7 @@ class BudgetController:
         bucket, as dear as the 128-node arm's (in an H200 sweep the estimated cost ratio of
         the two had a median of 1.05 against 1.12 measured, and 128-node trees were played
         in a third of the steps where 64 was the best fixed budget)."""
-        self._drafted = [max(1, int(fit_nodes(b.max_nodes))) if fit_nodes is not None and b.max_nodes >= 1
-                         else b.max_nodes for b in self.arms]
+        self._drafted = [int(fit_nodes(b.max_nodes)) if fit_nodes else b.max_nodes for b in self.arms]
         self._arm_nodes = np.array([float(n) for n in self._drafted])
         for st in self._stats.values():
             st._est = None
@@ -635,7 +634,7 @@ class BudgetController:
     def _draft_weights(self, st: _Stats) -> np.ndarray:
         """Draft seconds ~ w . [1, depth, size / 16] at the current load (solved once per step)."""
         if st._w is None:
-            st._w = _solve3(st.XtX + self.ridge * _SLOPES + 1e-9 * np.eye(3), st.Xty)
+            st._w = _solve3(st.XtX + self.ridge * _SLOPES + _JITTER3, st.Xty)
         return st._w * self._load()
 
     def _estimates(self, st: _Stats, bonus: bool, ctx: _Stats | None = None

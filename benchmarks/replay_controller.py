@@ -186,7 +186,7 @@ def replay_prompt(trace: dict, costs: CostModel, *, budget=None, controller=None
     goal, new, elapsed = first["new_tokens"], 0, 0.0
     if controller is not None:
         controller.begin_request("replay", learns_from_tree=learns_from_tree)
-    pending, ahead = None, None
+    pending, ahead, planned, context = None, None, False, None
     while new < goal:
         if controller is None:
             chosen = budget
@@ -194,6 +194,7 @@ def replay_prompt(trace: dict, costs: CostModel, *, budget=None, controller=None
             chosen, ahead = ahead, None
         else:
             chosen = controller.choose("replay")
+            context = controller.chosen_context("replay")
         rec = min((n for n in by_nodes if n >= chosen.max_nodes), default=max(by_nodes))
         steps, starts = by_nodes[rec]["steps"], starts_of[rec]
         pos = starts[0] + new
@@ -208,11 +209,15 @@ def replay_prompt(trace: dict, costs: CostModel, *, budget=None, controller=None
         elapsed += verify + other
         new += min(len(path) + 1, goal - new)
         if controller is not None:
-            if pending is not None:  # (overlap: learn from the last step while this one verifies)
+            if pending is not None:  # (overlap: learn from the last step while this one verifies, decide ahead)
                 controller.observe(**pending)
-                pending, ahead = None, controller.choose("replay")
+                pending, planned = None, True
+                controller.choose_ahead("replay")
             seen = dict(key="replay", tree_size=len(tree), accepted=len(path), draft_time=other, verify_time=verify,
-                        tree=tree, accepted_nodes=path, budget=arm, overlapped=overlap)
+                        tree=tree, accepted_nodes=path, budget=arm, overlapped=overlap, context=context)
+            if planned:  # the next step's budget, for this step's outcome (as ``generate``)
+                context = len(path)
+                ahead, planned = controller.take("replay", context), False
             if overlap and new < goal:
                 pending = seen
             else:

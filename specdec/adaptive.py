@@ -203,6 +203,7 @@ class _Stats:
         self.contexts: dict[int, _Stats] = {}  # per context (the last step's accepted count), arms only
         self.ctx: int | None = None  # the context of the next step
         self.chosen_ctx: int | None = None  # the context the last choice was made in
+        self.plan: list | None = None  # choose_ahead's decision per context, until take()
         self._est = None
         self._w = None  # the draft-time regression's solution, until the next observation
         # the controller's own cost: it decides and learns every ``stride``-th step only
@@ -467,40 +468,89 @@ class BudgetController:
         t0 = time.perf_counter()
         st.since_choice = 0
         st.chosen_ctx = st.ctx if self.context_levels > 1 else None
-        if st.steps < self.warmup or not st.S[-1] > 0:
-            choice = self.arms[-1]
-        else:
-            cs = st.contexts.get(st.chosen_ctx) if st.chosen_ctx is not None else None
-            idx, mean, cost = self._estimates(st, bonus=True, ctx=cs)
-            vals = idx.tolist()
-            best = max(vals)
-            i = max(i for i, v in enumerate(vals) if v >= best * (1 - 1e-9))
-            pst = cs or st  # probes are spaced per context
-            probe = False
-            if self.probe_every and i + 1 < len(self.arms):
-                wait = max(self.probe_every, (cost[i + 1] / cost[i] - 1.0) / max(self.probe_cost, 1e-9))
-                if pst.steps - pst.last_probe >= wait:
-                    i, probe = i + 1, True  # probe one arm up
-                    pst.last_probe = pst.steps
-            choice = self.arms[i]
-            if self.trace is not None:
-                self.trace.append({"step": st.steps, "arm": i, "probe": probe, "mean": mean.round(4).tolist(),
-                                   "cost_ms": (cost * 1e3).round(4).tolist(), "index": [round(v, 2) for v in vals]})
-        st.last = choice
+        choice = self._take(st, self._decide(st, st.chosen_ctx))
         st.choose_cost = time.perf_counter() - t0
+        return choice
+
+    def choose_ahead(self, key: str = "default") -> list[TreeBudget]:
+        """The next step's budget in every context (index: the step in flight's accepted
+        count, capped at ``context_levels - 1``), decided before that count is known:
+        ``generate`` on a GPU decides while the device verifies the step in flight, then
+        calls ``take(key, context)`` once acceptance has read the result. Without contexts,
+        one entry (the plain ``choose``)."""
+        if self.context_levels <= 1:
+            return [self.choose(key)]
+        st = self._state(self._arms_key(key))
+        t0 = time.perf_counter()
+        st.plan = [self._decide(st, c) for c in range(self.context_levels)]
+        st.choose_cost = time.perf_counter() - t0
+        return [d[0] for d in st.plan]
+
+    def take(self, key: str, context: int) -> TreeBudget:
+        """The next step's budget from the last ``choose_ahead``: its entry for ``context``
+        (the accepted count of the step that just ended; capped), now committed."""
+        st = self._state(self._arms_key(key))
+        if self.context_levels <= 1:
+            if st.last is None:
+                raise RuntimeError("take() needs a choose_ahead() first")
+            return st.last
+        if st.plan is None:
+            raise RuntimeError("take() needs a choose_ahead() first")
+        c = min(max(int(context), 0), self.context_levels - 1)
+        st.chosen_ctx = c
+        choice, st.plan = self._take(st, st.plan[c]), None
+        return choice
+
+    def chosen_context(self, key: str = "default") -> int | None:
+        """The context the last budget was chosen in (None without contexts)."""
+        return self._state(self._arms_key(key)).chosen_ctx
+
+    def _decide(self, st: _Stats, ctx: int | None) -> tuple[TreeBudget, _Stats | None, dict | None]:
+        """(budget, the stats whose probe clock it resets or None, trace entry or None) in
+        context ``ctx`` (None: pooled); no state changes (see ``_take``)."""
+        if st.steps < self.warmup or not st.S[-1] > 0:
+            return self.arms[-1], None, None
+        cs = st.contexts.get(ctx) if ctx is not None else None
+        idx, mean, cost = self._estimates(st, bonus=True, ctx=cs)
+        vals = idx.tolist()
+        best = max(vals)
+        i = max(i for i, v in enumerate(vals) if v >= best * (1 - 1e-9))
+        pst = cs or st  # probes are spaced per context
+        probe = None
+        if self.probe_every and i + 1 < len(self.arms):
+            wait = max(self.probe_every, (cost[i + 1] / cost[i] - 1.0) / max(self.probe_cost, 1e-9))
+            if pst.steps - pst.last_probe >= wait:
+                i, probe = i + 1, pst  # probe one arm up
+        entry = None
+        if self.trace is not None:
+            entry = {"step": st.steps, "arm": i, "probe": probe is not None, "mean": mean.round(4).tolist(),
+                     "cost_ms": (cost * 1e3).round(4).tolist(), "index": [round(v, 2) for v in vals]}
+            if ctx is not None:
+                entry["context"] = ctx
+        return self.arms[i], probe, entry
+
+    def _take(self, st: _Stats, decision: tuple[TreeBudget, _Stats | None, dict | None]) -> TreeBudget:
+        choice, probe, entry = decision
+        if probe is not None:
+            probe.last_probe = probe.steps
+        if entry is not None:
+            self.trace.append(entry)
+        st.last = choice
         return choice
 
     def observe(self, key: str, tree_size: int, accepted: int, draft_time: float, verify_time: float, *,
                 tree: TokenTree | None = None, accepted_nodes: Sequence[int] | None = None,
                 budget: TreeBudget | None = None, depth: int | None = None, timed: bool = True,
-                overlapped: bool = False) -> None:
+                overlapped: bool = False, context: int | None = None) -> None:
         """Record one step. ``budget``: the budget the drafter was given (default: the
         last choice); with ``tree`` and ``accepted_nodes`` every arm the step reveals is
         updated (smaller ones by truncation) and the calibrators learn. ``timed=False``:
         the step's times are not samples of a step's cost (it captured a CUDA graph, or
         measured a kernel choice): the acceptance is learned, the times are not.
         ``overlapped``: the caller runs the controller while the device verifies (``generate``
-        on a GPU), so its time is hidden as long as it stays under the verify's."""
+        on a GPU), so its time is hidden as long as it stays under the verify's. ``context``:
+        the context the step's budget was taken in (``take``), when the caller decides
+        ahead; default: the last choice's."""
         st = self._state(self._arms_key(key))
         st.steps += 1
         step = float(draft_time) + float(verify_time)
@@ -519,8 +569,10 @@ class BudgetController:
         st.decay(self.discount ** (1 + skipped))  # forgetting per step, observed or not
         st._est = st._w = None
         revealed = [st]
-        if st.chosen_ctx is not None:  # the context's own statistics learn from the same step
-            cs = st.contexts.setdefault(st.chosen_ctx, _Stats(len(self.arms), self._n_bins))
+        ctx = st.chosen_ctx if context is None or self.context_levels <= 1 else \
+            min(max(int(context), 0), self.context_levels - 1)
+        if ctx is not None:  # the context's own statistics learn from the same step
+            cs = st.contexts.setdefault(ctx, _Stats(len(self.arms), self._n_bins))
             cs.steps += 1
             cs.decay(self.discount)
             revealed.append(cs)

@@ -236,11 +236,14 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
     stop = max_new_tokens == 0
     # On a GPU the verify forward runs asynchronously until acceptance reads its result: the
     # controller learns from step s - 1 and picks step s + 1's budget in that window, so its
-    # host time hides behind the GPU's (a one-step lag; not with per-context choices, which
-    # need the last step's outcome). On a CPU it runs between steps.
+    # host time hides behind the GPU's (a one-step lag; with per-context choices it decides
+    # for every context of step s's outcome and takes one once acceptance has run). On a CPU
+    # it runs between steps.
     overlap = _overlap_control(controller, device)
     pending: dict | None = None  # the last step, waiting to be observed
     chosen_ahead: TreeBudget | None = None  # the next step's budget, chosen during a verify
+    planned = False  # the controller decided ahead during this step's verify (take() after acceptance)
+    context: int | None = None  # the context the step's budget was taken in (per-context choices)
     while not stop:
         t_step = time.perf_counter()
         remaining = max_new_tokens - stats.new_tokens
@@ -255,6 +258,7 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
         elif choosing:
             t_choose = time.perf_counter()
             chosen = controller.choose(key)
+            context = controller.chosen_context(key)
             stats.control_time_s += time.perf_counter() - t_choose
         else:
             chosen = cap
@@ -282,7 +286,8 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
             controller.observe(**pending)
             pending = None
             if choosing:
-                chosen_ahead = controller.choose(key)
+                controller.choose_ahead(key)
+                planned = True
             stats.control_time_s += time.perf_counter() - t_ctl
         counts = context_counts(base_counts, tree.to(device)) if sp.has_penalties else None
         processed = process(logits, sp, counts, check_nan=False)  # NaNs: checked in accept_*
@@ -295,6 +300,10 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
         new = [drafted[i] for i in acc.accepted_nodes] + [acc.bonus_token]
         new, stop = _truncate(new, eos, remaining)
         t2 = time.perf_counter()
+        step_context = context
+        if planned:  # the next step's budget, for this step's outcome
+            context = len(acc.accepted_nodes)
+            chosen_ahead, planned = controller.take(key, context), False
         stats.verify_time_s += t2 - t1
         stats.draft_time_s += t1 - t0
 
@@ -321,7 +330,7 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
             other = time.perf_counter() - t_step - (t2 - t1)
             step = dict(key=key, tree_size=n, accepted=len(acc.accepted_nodes), draft_time=other,
                         verify_time=t2 - t1, tree=tree, accepted_nodes=acc.accepted_nodes, budget=arm_budget,
-                        timed=getattr(runner, "captures", 0) == captures, overlapped=overlap)
+                        timed=getattr(runner, "captures", 0) == captures, overlapped=overlap, context=step_context)
             if overlap and not stop:
                 pending = step  # observed during the next step's verify forward
             else:
@@ -337,7 +346,7 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
 
 def _overlap_control(controller, device) -> bool:
     """Whether the controller runs while the device verifies (see ``generate``)."""
-    return controller is not None and torch.device(device).type == "cuda" and controller.context_levels <= 1
+    return controller is not None and torch.device(device).type == "cuda"
 
 
 def _fit(tree: TokenTree, budget: TreeBudget, vocab: int) -> TokenTree:

@@ -209,10 +209,13 @@ def replay_prompt(trace: dict, costs: CostModel, *, budget=None, controller=None
         elapsed += verify + other
         new += min(len(path) + 1, goal - new)
         if controller is not None:
-            if pending is not None:  # (overlap: learn from the last step while this one verifies, decide ahead)
-                controller.observe(**pending)
-                pending, planned = None, True
-                controller.choose_ahead("replay")
+            if overlap:  # learn from the last step while this one verifies, decide the next one ahead
+                if pending is not None:
+                    controller.observe(**pending)
+                    pending = None
+                if new < goal:
+                    controller.choose_ahead("replay")
+                    planned = True
             seen = dict(key="replay", tree_size=len(tree), accepted=len(path), draft_time=other, verify_time=verify,
                         tree=tree, accepted_nodes=path, budget=arm, overlapped=overlap, context=context)
             if planned:  # the next step's budget, for this step's outcome (as ``generate``)

@@ -467,7 +467,7 @@ class BudgetController:
             return st.last
         t0 = time.perf_counter()
         st.since_choice = 0
-        st.chosen_ctx = st.ctx if self.context_levels > 1 else None
+        st.chosen_ctx = (st.ctx or 0) if self.context_levels > 1 else None  # (no step yet: context 0)
         choice = self._take(st, self._decide(st, st.chosen_ctx))
         st.choose_cost = time.perf_counter() - t0
         return choice

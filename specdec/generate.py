@@ -231,6 +231,13 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
         fill = getattr(runner, "prefill", None) or runner.forward  # (the prompt's logits are not needed)
         fill(prompt[:-1].to(device), torch.arange(len(tokens) - 1, device=device))
         stats.prefill_time_s = time.perf_counter() - t0
+    overlap = _overlap_control(controller, device)
+    chosen_ahead: TreeBudget | None = None  # the next step's budget, chosen during a verify
+    context: int | None = None  # the context the step's budget was taken in (per-context choices)
+    if overlap and choosing and max_new_tokens > 0:  # the first budget, chosen while the GPU runs the prefill
+        t_ctl = time.perf_counter()
+        chosen_ahead, context = controller.choose(key), controller.chosen_context(key)
+        stats.control_time_s += time.perf_counter() - t_ctl
     base_counts = torch.bincount(prompt, minlength=runner.vocab_size).float().to(device) \
         if sp.has_penalties else None
     stop = max_new_tokens == 0
@@ -239,11 +246,8 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
     # host time hides behind the GPU's (a one-step lag; with per-context choices it decides
     # for every context of step s's outcome and takes one once acceptance has run). On a CPU
     # it runs between steps.
-    overlap = _overlap_control(controller, device)
     pending: dict | None = None  # the last step, waiting to be observed
-    chosen_ahead: TreeBudget | None = None  # the next step's budget, chosen during a verify
     planned = False  # the controller decided ahead during this step's verify (take() after acceptance)
-    context: int | None = None  # the context the step's budget was taken in (per-context choices)
     while not stop:
         t_step = time.perf_counter()
         remaining = max_new_tokens - stats.new_tokens
@@ -281,11 +285,12 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
         pos = (L + torch.cat([torch.zeros(1, dtype=torch.long), tree.depth.cpu()])).to(device)
         captures = getattr(runner, "captures", 0)  # a step that captures a CUDA graph is no timing sample
         logits = runner.forward(inp, pos, tree_mask=mask_r.to(device))[:, :runner.vocab_size]  # [n+1, V]
-        if pending is not None:  # (overlap) the GPU verifies; the host learns from the last step
+        if overlap:  # the GPU verifies; the host learns from the last step and decides the next
             t_ctl = time.perf_counter()
-            controller.observe(**pending)
-            pending = None
-            if choosing:
+            if pending is not None:
+                controller.observe(**pending)
+                pending = None
+            if choosing and remaining > 1:  # (else this step is the last)
                 controller.choose_ahead(key)
                 planned = True
             stats.control_time_s += time.perf_counter() - t_ctl
@@ -301,9 +306,10 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
         new, stop = _truncate(new, eos, remaining)
         t2 = time.perf_counter()
         step_context = context
-        if planned:  # the next step's budget, for this step's outcome
+        if planned and not stop:  # the next step's budget, for this step's outcome
             context = len(acc.accepted_nodes)
-            chosen_ahead, planned = controller.take(key, context), False
+            chosen_ahead = controller.take(key, context)
+        planned = False
         stats.verify_time_s += t2 - t1
         stats.draft_time_s += t1 - t0
 

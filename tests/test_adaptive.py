@@ -726,15 +726,22 @@ def test_adaptive_generate_is_lossless(kind):
 
 
 @pytest.mark.parametrize("kind", ["chain", "ngram"])
-def test_overlapped_control_is_lossless_and_sees_every_step(kind, monkeypatch):
-    """On a GPU ``generate`` observes step s - 1 and chooses step s + 1 while step s
-    verifies; forced on here (CPU), the output must not change and no step may be lost."""
+@pytest.mark.parametrize("contexts", [0, 3])
+def test_overlapped_control_is_lossless_and_sees_every_step(kind, contexts, monkeypatch):
+    """On a GPU ``generate`` chooses the first budget during the prefill, then observes
+    step s - 1 and decides step s + 1 (for every context of step s's outcome) while step s
+    verifies; forced on here (CPU), the output must not change, no step may be lost, and
+    with contexts every step is learned in the context its budget was taken in."""
     import sys
 
     gen = sys.modules["specdec.generate"]  # (the package's ``generate`` is the function)
     monkeypatch.setattr(gen, "_overlap_control", lambda controller, device: controller is not None)
     model = tiny_model("llama", seed=0)
-    ctl = BudgetController(warmup=2)
+    ctl = BudgetController(warmup=2, context_levels=contexts)
+    if contexts:
+        taken = []
+        take = ctl.take
+        monkeypatch.setattr(ctl, "take", lambda key, c: taken.append(min(c, contexts - 1)) or take(key, c))
     if kind == "chain":
         drafter = specdec.ModelDrafter(tiny_model("llama", layers=1, seed=1), gamma=5, controller=ctl)
         ids = _ids(11)
@@ -748,6 +755,10 @@ def test_overlapped_control_is_lossless_and_sees_every_step(kind, monkeypatch):
         st = ctl._state(ctl._arms_key(key))
         assert st.steps == steps and st.overlapped  # every step observed, the last one too
         assert len(out.stats.budgets) == out.stats.steps and out.stats.control_time_s > 0.0
+        if contexts:  # every step in one context; all but each request's first taken by outcome
+            assert sum(c.steps for c in st.contexts.values()) == steps
+            learned = Counter({c: s.steps for c, s in st.contexts.items()})
+            assert all(learned[c] >= n for c, n in Counter(taken).items()), (learned, Counter(taken))
 
 
 def test_overlapped_controller_keeps_stride_one_while_hidden():

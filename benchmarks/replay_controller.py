@@ -192,7 +192,7 @@ def replay_prompt(trace: dict, costs: CostModel, *, budget=None, controller=None
     goal, new, elapsed = first["new_tokens"], 0, 0.0
     if controller is not None:
         controller.begin_request("replay", learns_from_tree=learns_from_tree)
-    pending, ahead, planned, context = None, None, False, None
+    pending, ahead, context = None, None, None
     while new < goal:
         if controller is None:
             chosen = budget
@@ -215,18 +215,18 @@ def replay_prompt(trace: dict, costs: CostModel, *, budget=None, controller=None
         elapsed += verify + other
         new += min(len(path) + 1, goal - new)
         if controller is not None:
-            if overlap:  # learn from the last step while this one verifies, decide the next one ahead
+            planned = overlap and new < goal  # decide the next step ahead, as ``generate``
+            if overlap:  # learn from the last step while this one verifies
                 if pending is not None:
                     controller.observe(**pending)
                     pending = None
-                if new < goal:
+                if planned:
                     controller.choose_ahead("replay")
-                    planned = True
             seen = dict(key="replay", tree_size=len(tree), accepted=len(path), draft_time=other, verify_time=verify,
                         tree=tree, accepted_nodes=path, budget=arm, overlapped=overlap, context=context)
-            if planned:  # the next step's budget, for this step's outcome (as ``generate``)
+            if planned:  # the next step's budget, for this step's outcome
                 context = len(path)
-                ahead, planned = controller.take("replay", context), False
+                ahead = controller.take("replay", context)
             if overlap and new < goal:
                 pending = seen
             else:

@@ -507,10 +507,13 @@ class BudgetController:
             return st.last
         if st.plan is None:
             raise RuntimeError("take() needs a choose_ahead() first")
-        c = min(max(int(context), 0), self.context_levels - 1)
-        st.chosen_ctx = c
+        c = st.chosen_ctx = self._context_of(context)
         choice, st.plan = self._take(st, st.plan[c]), None
         return choice
+
+    def _context_of(self, accepted: int) -> int:
+        """The context a step's accepted count sets for the next step (capped)."""
+        return min(max(int(accepted), 0), self.context_levels - 1)
 
     def chosen_context(self, key: str = "default") -> int | None:
         """The context the last budget was chosen in (None without contexts)."""
@@ -580,8 +583,7 @@ class BudgetController:
         st.decay(self.discount ** (1 + skipped))  # forgetting per step, observed or not
         st._est = st._w = None
         revealed = [st]
-        ctx = st.chosen_ctx if context is None or self.context_levels <= 1 else \
-            min(max(int(context), 0), self.context_levels - 1)
+        ctx = st.chosen_ctx if context is None or self.context_levels <= 1 else self._context_of(context)
         if ctx is not None:  # the context's own statistics learn from the same step
             cs = st.contexts.setdefault(ctx, _Stats(len(self.arms), self._n_bins))
             cs.steps += 1
@@ -604,7 +606,7 @@ class BudgetController:
                 s.add_many(arms, [accepted] * len(arms), [tree_size] * len(arms), [depth] * len(arms),
                            self._reveal.get(key, 1.0))
         if self.context_levels > 1:
-            st.ctx = min(int(accepted), self.context_levels - 1)
+            st.ctx = self._context_of(accepted)
         if self.latency is None:
             self.latency = LatencyModel()
         if timed:

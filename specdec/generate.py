@@ -247,7 +247,6 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
     # for every context of step s's outcome and takes one once acceptance has run). On a CPU
     # it runs between steps.
     pending: dict | None = None  # the last step, waiting to be observed
-    planned = False  # the controller decided ahead during this step's verify (take() after acceptance)
     while not stop:
         t_step = time.perf_counter()
         remaining = max_new_tokens - stats.new_tokens
@@ -285,14 +284,14 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
         pos = (L + torch.cat([torch.zeros(1, dtype=torch.long), tree.depth.cpu()])).to(device)
         captures = getattr(runner, "captures", 0)  # a step that captures a CUDA graph is no timing sample
         logits = runner.forward(inp, pos, tree_mask=mask_r.to(device))[:, :runner.vocab_size]  # [n+1, V]
+        planned = overlap and choosing and remaining > 1  # decide the next budget ahead (else this step is the last)
         if overlap:  # the GPU verifies; the host learns from the last step and decides the next
             t_ctl = time.perf_counter()
             if pending is not None:
                 controller.observe(**pending)
                 pending = None
-            if choosing and remaining > 1:  # (else this step is the last)
+            if planned:
                 controller.choose_ahead(key)
-                planned = True
             stats.control_time_s += time.perf_counter() - t_ctl
         counts = context_counts(base_counts, tree.to(device)) if sp.has_penalties else None
         processed = process(logits, sp, counts, check_nan=False)  # NaNs: checked in accept_*
@@ -309,7 +308,6 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
         if planned and not stop:  # the next step's budget, for this step's outcome
             context = len(acc.accepted_nodes)
             chosen_ahead = controller.take(key, context)
-        planned = False
         stats.verify_time_s += t2 - t1
         stats.draft_time_s += t1 - t0
 

@@ -201,7 +201,7 @@ def tune_gemv(args) -> list[dict]:
 
 def evaluate_heuristic(path: str, sm_count: int = 132) -> dict:
     """Replay a saved attention tuning (JSON of ``tune_attention``) against the launch
-    heuristic in kernels/tree_attention.py: per case, the time of the config and split
+    heuristic in specdec/kernels/tree_attention.py: per case, the time of the config and split
     count it picks over the best candidate's. Runs anywhere (no GPU): the heuristic is
     asked as if on a GPU with ``sm_count`` SMs."""
     from specdec.kernels import tree_attention as tk

@@ -4,7 +4,7 @@ Times every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) x split count fo
 grid of (n, prefix) cases, each call replayed from a CUDA graph and timed with
 ``triton.testing.do_bench`` (median, L2 cleared before each repetition). Prints the
 best per case and writes JSON to ``--out``; use it to revise ``block_config`` /
-``default_num_splits`` in kernels/tree_attention.py.
+``default_num_splits`` in specdec/kernels/tree_attention.py.
 
     python benchmarks/tune_tree_attention.py --out benchmarks/results/
 """

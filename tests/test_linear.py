@@ -1,4 +1,4 @@
-"""The one-row GEMV (kernels/gemv.py) against ``F.linear``, and ``ops.linear``'s choice
+"""The one-row GEMV (specdec/kernels/gemv.py) against ``F.linear``, and ``ops.linear``'s choice
 between it and cuBLAS (interpreter on CPU tensors; CUDA when present)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The norm-folded one-row GEMV (kernels/gemv.py ``norm_gemv``) against a float64
+"""The norm-folded one-row GEMV (specdec/kernels/gemv.py ``norm_gemv``) against a float64
 reference of its math, ``ops.linear.norm_linear``'s dispatch, and a Llama compact
 model decoding one token through it (interpreter on CPU tensors; CUDA when present)."""
 from __future__ import annotations

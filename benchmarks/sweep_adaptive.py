@@ -137,7 +137,8 @@ def run_one(runner, ids, drafter, *, max_new_tokens, eos, budget=None, controlle
     s = out.stats
     return ({"controller_trace": list(trace)} if trace is not None else {}) | {"tokens": out.new_tokens.tolist(), "wall_s": time.perf_counter() - t0, "prefill_s": s.prefill_time_s,
             "new_tokens": s.new_tokens, "steps": s.steps, "accepted": sum(s.accepted_per_step),
-            "tree_nodes": sum(s.tree_sizes), "budgets": list(s.budgets), "draft_s": s.draft_time_s,
+            "tree_nodes": sum(s.tree_sizes), "budgets": list(s.budgets),
+            "depth_caps": list(s.depth_caps), "draft_s": s.draft_time_s,
             "verify_s": s.verify_time_s, "update_s": s.update_time_s, "control_s": s.control_time_s}
 
 
@@ -170,6 +171,8 @@ def summarise(records: list[dict], methods: list[str], default: str, adaptive=(A
             if m in adaptive:
                 hist = Counter(b for r in rs for b in r["budgets"])
                 rows[m]["budget_histogram"] = {int(k): v for k, v in sorted(hist.items())}
+                deep = Counter(d for r in rs for d in r.get("depth_caps", ()))
+                rows[m]["depth_cap_histogram"] = {int(k): v for k, v in sorted(deep.items())}
         fixed = {m: v for m, v in rows.items() if m not in adaptive and v["tokens_per_s"]}
         best = max(fixed, key=lambda m: fixed[m]["tokens_per_s"]) if fixed else None
         worst = min(fixed, key=lambda m: fixed[m]["tokens_per_s"]) if fixed else None
@@ -228,6 +231,9 @@ def markdown(results: dict) -> str:
         hist = {g: v["methods"].get(name, {}).get("budget_histogram") for g, v in results["summary"].items()}
         lines += ["", f"`{name}` budget choices (max_nodes: steps): "
                   + "; ".join(f"{g}: {h}" for g, h in hist.items() if h)]
+        deep = {g: v["methods"].get(name, {}).get("depth_cap_histogram") for g, v in results["summary"].items()}
+        if any(h and max(h) > min(h) for h in deep.values()):
+            lines += ["", f"`{name}` depth caps (max_depth: steps): " + "; ".join(f"{g}: {h}" for g, h in deep.items() if h)]
     lines.append("")
     curves = results.get("latency") or {}
     if "sizes" in curves:  # results written before variants: one curve

@@ -370,7 +370,7 @@ class BudgetController:
                  probe_cost: float = 0.01, context_levels: int = 0, context_prior: float = 4.0,
                  split_empty: bool = True, size_mix: bool = True, max_control_share: float = 0.03, max_stride: int = 8,
                  measure_latency: str = "cuda", length_bands: bool = False, request_prior: float | None = None,
-                 paired: bool = False, draft_burn_in: int = 3, reveal_weight: float = 1.0):
+                 paired: bool = False, draft_burn_in: int = 3, reveal_weight: float = 1.0, extend_depth: int = 0):
         arms = list(arms) if arms is not None else [TreeBudget(n, min(n, max_depth)) for n in grid]
         if not arms:
             raise ValueError("BudgetController needs at least one arm")
@@ -392,6 +392,7 @@ class BudgetController:
         self.paired = bool(paired)
         self.draft_burn_in = int(draft_burn_in)
         self.reveal_weight = float(reveal_weight)
+        self.extend_depth = int(extend_depth)
         self._request_prior_auto = request_prior is None
         self.request_prior = 8.0 if request_prior is None else float(request_prior)  # (None: set by ``attach``)
         self._band: int | None = None
@@ -405,7 +406,15 @@ class BudgetController:
 
     @property
     def max_budget(self) -> TreeBudget:
-        return TreeBudget(max(a.max_nodes for a in self.arms), max(a.max_depth for a in self.arms))
+        return TreeBudget(max(a.max_nodes for a in self.arms), max([a.max_depth for a in self.arms] + [self.extend_depth]))
+
+    def step_depth(self, arm_depth: int, last_accepted: int | None, last_depth: int | None) -> int:
+        """The next step's depth cap (see ``extend_depth``): the arm's, or after a step that
+        accepted every level it was allowed (``last_accepted >= last_depth``) twice that step's
+        cap, up to ``extend_depth``."""
+        if last_depth and last_accepted is not None and last_accepted >= last_depth:
+            return max(arm_depth, min(2 * last_depth, self.extend_depth))
+        return arm_depth
 
     def attach(self, runner, model=None) -> None:
         """Give the controller a latency curve for ``runner``: the cached one if any was

@@ -25,6 +25,7 @@ class GenerationStats:
     accepted_per_step: list[int] = field(default_factory=list)  # drafted tokens kept per step
     tree_sizes: list[int] = field(default_factory=list)
     budgets: list[int] = field(default_factory=list)  # the node budget each step's drafter was given
+    depth_caps: list[int] = field(default_factory=list)  # ... and its depth cap
     draft_time_s: float = 0.0  # drafter.propose (and the budget checks on its tree)
     verify_time_s: float = 0.0  # the target's forward, acceptance, KV compaction
     update_time_s: float = 0.0  # drafter.update after each verification
@@ -53,6 +54,7 @@ class GenerationStats:
                 "acceptance_histogram": self.acceptance_histogram,
                 "mean_tree_size": sum(self.tree_sizes) / max(1, len(self.tree_sizes)),
                 "mean_budget": sum(self.budgets) / max(1, len(self.budgets)),
+                "mean_depth_cap": sum(self.depth_caps) / max(1, len(self.depth_caps)),
                 "draft_time_s": self.draft_time_s, "verify_time_s": self.verify_time_s,
                 "update_time_s": self.update_time_s, "control_time_s": self.control_time_s,
                 "prefill_time_s": self.prefill_time_s, "total_time_s": self.total_time_s,
@@ -247,6 +249,7 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
     # for every context of step s's outcome and takes one once acceptance has run). On a CPU
     # it runs between steps.
     pending: dict | None = None  # the last step, waiting to be observed
+    last_accepted = last_depth = None  # the last step's accepted count and depth cap
     while not stop:
         t_step = time.perf_counter()
         remaining = max_new_tokens - stats.new_tokens
@@ -267,8 +270,12 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
             chosen = cap
         arm_budget = TreeBudget(max_nodes=min(chosen.max_nodes, cap.max_nodes, room),  # the controller's view
                                 max_depth=min(chosen.max_depth, cap.max_depth, remaining - 1, room))
-        step_budget = arm_budget if fit_nodes is None else \
-            TreeBudget(fit_nodes(arm_budget.max_nodes), arm_budget.max_depth)  # what is drafted
+        depth = arm_budget.max_depth
+        if choosing:  # deeper after a step accepted to its depth cap (``extend_depth``)
+            depth = min(controller.step_depth(chosen.max_depth, last_accepted, last_depth), cap.max_depth,
+                        remaining - 1, room)
+        step_budget = TreeBudget(arm_budget.max_nodes if fit_nodes is None else fit_nodes(arm_budget.max_nodes),
+                                 depth)  # what is drafted
         t0 = time.perf_counter()
         request = DraftRequest(token_buf[:len(tokens)], step_budget, sp, generator)
         tree = drafter.propose(request) if step_budget.max_depth > 0 else TokenTree.empty()
@@ -318,6 +325,8 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
         stats.accepted_per_step.append(len(acc.accepted_nodes))
         stats.tree_sizes.append(n)
         stats.budgets.append(step_budget.max_nodes)
+        stats.depth_caps.append(step_budget.max_depth)
+        last_accepted, last_depth = len(acc.accepted_nodes), step_budget.max_depth
         if base_counts is not None:
             base_counts += torch.bincount(torch.tensor(new, device=device), minlength=runner.vocab_size)
         if streamer is not None:

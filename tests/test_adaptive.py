@@ -1065,3 +1065,37 @@ def test_smaller_arms_are_read_where_the_runner_cuts_them():
     st = ctl._state("k")
     assert st.Z.tolist() == [3.0, 7.0]  # sizes: 3, not 4 (no drafter flag: reveals count 1)
     assert st.A.tolist() == [3.0, 5.0]  # the 4-node arm accepts what its 3 drafted nodes hold
+
+
+def test_step_depth_doubles_after_a_full_accept_up_to_the_cap():
+    ctl = _BudgetController(grid=(4, 16), extend_depth=16)
+    assert ctl.max_budget == TreeBudget(16, 16)  # (the runner's cap allows the extension)
+    assert ctl.step_depth(8, None, None) == 8  # first step
+    assert ctl.step_depth(8, 7, 8) == 8  # stopped short: the arm's own depth
+    assert ctl.step_depth(8, 8, 8) == 16  # every level accepted: twice as deep
+    assert ctl.step_depth(8, 16, 16) == 16  # ... up to extend_depth
+    assert ctl.step_depth(4, 4, 4) == 8
+    assert _BudgetController(grid=(4, 16)).step_depth(8, 8, 8) == 8  # off by default
+
+
+@pytest.mark.parametrize("overlapped", [False, True])
+def test_extended_depth_is_lossless_and_follows_full_accepts(overlapped, monkeypatch):
+    """With ``extend_depth`` a step after one that accepted every level it was allowed drafts
+    deeper (here a random model that falls into a loop the n-gram drafter copies); output
+    unchanged, and a step is deeper than its arm only right after such a step."""
+    import sys
+
+    if overlapped:
+        gen = sys.modules["specdec.generate"]
+        monkeypatch.setattr(gen, "_overlap_control", lambda controller, device: controller is not None)
+    model = tiny_model("llama", seed=1)
+    ids = torch.tensor([[5, 6, 7, 8, 9] * 4])
+    ctl = BudgetController(grid=(4, 16), warmup=2, extend_depth=16)
+    out = specdec.generate(model, ids, drafter=specdec.NgramDrafter(max_continuation=16), max_new_tokens=60,
+                           eos_token_id=None, adaptive=ctl)
+    assert out.sequences.tolist() == hf_greedy(model, ids, 60).tolist()
+    caps, acc = out.stats.depth_caps, out.stats.accepted_per_step
+    assert len(caps) == out.stats.steps and max(caps) == 16  # it did go deeper
+    for i in range(1, len(caps)):
+        if caps[i] > 8:
+            assert acc[i - 1] == caps[i - 1]

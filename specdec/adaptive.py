@@ -362,7 +362,7 @@ class BudgetController:
                 real runs: H200 fp32, 48 prompts, three runs 0.99x / 0.95x / 0.97x against
                 0.97x / 0.96x / 0.97x; CPU code + math 0.92x against 0.97x.
     extend_depth: after a step that accepted every level it was allowed, the next step may
-                draft twice as deep, up to this (0 = never deeper than the arm): acceptance
+                draft twice as deep, up to this (0 or <= the arms' depth: never deeper): acceptance
                 comes in runs, and in copying stretches (code that repeats its prompt, answers
                 that quote a passage) the n-gram drafter's chain is accepted to its end (CPU
                 recordings, 64 nodes, depth 8: 21% / 30% / 14% of steps on HumanEval / MBPP /
@@ -381,7 +381,7 @@ class BudgetController:
                  probe_cost: float = 0.01, context_levels: int = 0, context_prior: float = 4.0,
                  split_empty: bool = True, size_mix: bool = True, max_control_share: float = 0.03, max_stride: int = 8,
                  measure_latency: str = "cuda", length_bands: bool = False, request_prior: float | None = None,
-                 paired: bool = False, draft_burn_in: int = 3, reveal_weight: float = 1.0, extend_depth: int = 0):
+                 paired: bool = False, draft_burn_in: int = 3, reveal_weight: float = 1.0, extend_depth: int = 16):
         arms = list(arms) if arms is not None else [TreeBudget(n, min(n, max_depth)) for n in grid]
         if not arms:
             raise ValueError("BudgetController needs at least one arm")

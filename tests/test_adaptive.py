@@ -1075,7 +1075,8 @@ def test_step_depth_doubles_after_a_full_accept_up_to_the_cap():
     assert ctl.step_depth(8, 8, 8) == 16  # every level accepted: twice as deep
     assert ctl.step_depth(8, 16, 16) == 16  # ... up to extend_depth
     assert ctl.step_depth(4, 4, 4) == 8
-    assert _BudgetController(grid=(4, 16)).step_depth(8, 8, 8) == 8  # off by default
+    assert _BudgetController(grid=(4, 16), extend_depth=0).step_depth(8, 8, 8) == 8  # off
+    assert _BudgetController().extend_depth == 16  # on by default
 
 
 @pytest.mark.parametrize("overlapped", [False, True])
@@ -1090,8 +1091,8 @@ def test_extended_depth_is_lossless_and_follows_full_accepts(overlapped, monkeyp
         monkeypatch.setattr(gen, "_overlap_control", lambda controller, device: controller is not None)
     model = tiny_model("llama", seed=1)
     ids = torch.tensor([[5, 6, 7, 8, 9] * 4])
-    ctl = BudgetController(grid=(4, 16), warmup=2, extend_depth=16)
-    out = specdec.generate(model, ids, drafter=specdec.NgramDrafter(max_continuation=16), max_new_tokens=60,
+    ctl = BudgetController(grid=(4, 16), warmup=2)  # (extend_depth 16 and max_continuation 16: the defaults)
+    out = specdec.generate(model, ids, drafter=specdec.NgramDrafter(), max_new_tokens=60,
                            eos_token_id=None, adaptive=ctl)
     assert out.sequences.tolist() == hf_greedy(model, ids, 60).tolist()
     caps, acc = out.stats.depth_caps, out.stats.accepted_per_step

@@ -22,7 +22,8 @@ class NgramDrafter:
 
     max_order:        longest n-gram key matched against the context suffix.
     num_candidates:   continuations looked up per step (trie paths before the budget cut).
-    max_continuation: tokens stored after each key (caps the tree depth too).
+    max_continuation: tokens stored after each key (caps the tree depth too; 16, so that an
+                      adaptive budget can draft past depth 8 after a full accept: extend_depth).
     use_target_topk:  record the target's top-``topk`` next tokens at verified nodes.
     topk_all_nodes:   ... at every tree node, not only the root and accepted path.
     pool_cap:         most (key, continuation) entries kept (least recent evicted).
@@ -31,7 +32,7 @@ class NgramDrafter:
     keep_across_prompts: keep the pool across reset() (a warm start for the next prompt).
     """
 
-    def __init__(self, *, max_order: int = 4, num_candidates: int = 8, max_continuation: int = 8,
+    def __init__(self, *, max_order: int = 4, num_candidates: int = 8, max_continuation: int = 16,
                  use_target_topk: bool = True, topk: int = 4, pool_cap: int = 65536,
                  max_per_key: int = 8, topk_all_nodes: bool = False, native: bool | None = None,
                  keep_across_prompts: bool = False):

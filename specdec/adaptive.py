@@ -421,7 +421,8 @@ class BudgetController:
 
     @property
     def max_budget(self) -> TreeBudget:
-        return TreeBudget(max(a.max_nodes for a in self.arms), max([a.max_depth for a in self.arms] + [self.extend_depth]))
+        deepest = max([a.max_depth for a in self.arms] + [self.extend_depth])
+        return TreeBudget(max(a.max_nodes for a in self.arms), deepest)
 
     def step_depth(self, arm_depth: int, last_accepted: int | None, last_depth: int | None) -> int:
         """The next step's depth cap (see ``extend_depth``): the arm's, or after a step that
@@ -582,8 +583,9 @@ class BudgetController:
                 overlapped: bool = False, context: int | None = None) -> None:
         """Record one step. ``budget``: the arm the step was played under (default: the
         last choice; a step drafted deeper by ``extend_depth`` counts as its arm, each arm's
-        outcome read off the tree at the arm's own depth); with ``tree`` and ``accepted_nodes`` every arm the step reveals is
-        updated (smaller ones by truncation) and the calibrators learn. ``timed=False``:
+        outcome read off the tree at the arm's own depth); with ``tree`` and
+        ``accepted_nodes`` every arm the step reveals is updated (smaller ones by
+        truncation) and the calibrators learn. ``timed=False``:
         the step's times are not samples of a step's cost (it captured a CUDA graph, or
         measured a kernel choice): the acceptance is learned, the times are not.
         ``overlapped``: the caller runs the controller while the device verifies (``generate``
@@ -627,8 +629,9 @@ class BudgetController:
             arms = [a for a, arm in enumerate(self.arms) if arm == eff or (
                 tree_size <= self._drafted[a] and depth <= arm.max_depth
                 and arm.max_nodes <= eff.max_nodes and arm.max_depth <= eff.max_depth)]
+            acc = min(accepted, eff.max_depth)  # (a step drafted deeper: extend_depth)
             for s in revealed:
-                s.add_many(arms, [accepted] * len(arms), [tree_size] * len(arms), [depth] * len(arms),
+                s.add_many(arms, [acc] * len(arms), [tree_size] * len(arms), [depth] * len(arms),
                            self._reveal.get(key, 1.0))
         if self.context_levels > 1:
             st.ctx = self._context_of(accepted)

@@ -372,8 +372,9 @@ class BudgetController:
                 tokens/s on an H100); only after a full accept they pay: H100 fp32, adaptive
                 1.02x / 1.01x the best fixed budget in two runs of 48 prompts (code, math,
                 Spec-Bench) with it against 0.98x / 0.95x without, 1.01x vs 0.96x on 18 code +
-                math prompts, 0.96x vs 0.95x on 36 Spec-Bench ones; CPU 1.10x / 1.07x
-                against 0.97x / 1.06x. The steps' statistics are kept as their arm's
+                math prompts, 0.96x vs 0.95x on 36 Spec-Bench ones; CPU (fixed 1 / 4 / 16 /
+                64 nodes, 2 rounds) 1.04x / 0.96x on code + math / Spec-Bench against 0.97x /
+                0.97x. The steps' statistics are kept as their arm's
                 (read at the arm's depth). Needs a drafter whose chains reach that deep
                 (``NgramDrafter``'s ``max_continuation``, 16).
     """

@@ -29,6 +29,9 @@ shipped controller on both cost models, and real runs did not confirm it (H200: 
 0.95x / 0.97x against 0.97x / 0.96x / 0.97x; CPU: behind). The replay keeps the recorded
 runs' step-to-step correlation of accepted counts (lag-1 0.60 vs 0.59 recorded on code +
 math at 64 nodes), so that is not where it parts from the real runs.
+
+It does not model ``extend_depth`` (a step drafted deeper after a full accept): the recorded
+trees stop at the recording's depth, so replayed steps keep their arm's depth.
 """
 from __future__ import annotations
 

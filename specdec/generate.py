@@ -268,14 +268,13 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
             stats.control_time_s += time.perf_counter() - t_choose
         else:
             chosen = cap
+        deepest = min(cap.max_depth, remaining - 1, room)
         arm_budget = TreeBudget(max_nodes=min(chosen.max_nodes, cap.max_nodes, room),  # the controller's view
-                                max_depth=min(chosen.max_depth, cap.max_depth, remaining - 1, room))
-        depth = arm_budget.max_depth
-        if choosing:  # deeper after a step accepted to its depth cap (``extend_depth``)
-            depth = min(controller.step_depth(chosen.max_depth, last_accepted, last_depth), cap.max_depth,
-                        remaining - 1, room)
+                                max_depth=min(chosen.max_depth, deepest))
+        # what is drafted: the runner's cut of the nodes; deeper after a full accept (``extend_depth``)
+        depth = controller.step_depth(chosen.max_depth, last_accepted, last_depth) if choosing else chosen.max_depth
         step_budget = TreeBudget(arm_budget.max_nodes if fit_nodes is None else fit_nodes(arm_budget.max_nodes),
-                                 depth)  # what is drafted
+                                 min(depth, deepest))
         t0 = time.perf_counter()
         request = DraftRequest(token_buf[:len(tokens)], step_budget, sp, generator)
         tree = drafter.propose(request) if step_budget.max_depth > 0 else TokenTree.empty()

@@ -200,6 +200,8 @@ class _Stats:
         self.calibrators: dict[str, AcceptanceCalibrator] = {}
         self.last: TreeBudget | None = None
         self.last_probe = 0  # the step of the last probe
+        self.seen_at = np.zeros(n_arms)  # per arm: the step (``steps``) that last revealed it
+        self.top_reveals = 0  # steps that revealed the largest arm (``warmup``)
         self.contexts: dict[int, _Stats] = {}  # per context (the last step's accepted count), arms only
         self.ctx: int | None = None  # the context of the next step
         self.chosen_ctx: int | None = None  # the context the last choice was made in
@@ -246,6 +248,8 @@ class _Stats:
                              [acc[k - 1] if p else 0.0 for k, p in enumerate(paired)]])
             self.M[:, arms] += rows
             self.R[:, arms] += rows[[0, 1, 5]]
+            self.seen_at[arms] = self.steps
+            self.top_reveals += arms[-1] == len(self.seen_at) - 1
             last = self.H.shape[1] - 1
             bins = [min(size_bin(x), last) for x in size]
             self.H[0, bins, arms] += w  # (distinct arms: distinct cells)
@@ -269,10 +273,13 @@ class BudgetController:
                 of steps (one run without it: 0.96x the best fixed budget against 0.94x).
                 But without it the controller climbs to big trees only one probe at a time
                 after the stream improves (``test_controller_moves_when_the_stream_shifts``).
-    warmup:     steps on the largest arm first: they reveal every smaller arm at once (and
-                more until one has: a request's last steps cap the depth, so a short first
-                request reveals nothing; an H200 sweep's 8-token warm-up left the first
-                decisions with every mean at 0 and 1- to 4-node trees for its first prompt).
+    warmup:     steps on the largest arm first: they reveal every smaller arm at once. Counted
+                in steps that revealed the largest arm (up to ``4 * warmup`` steps in all): a
+                request's last steps cap the depth, so a short first request reveals nothing
+                of the depth-8 arms. An H100 sweep's 8-token warm-up request used up 8 plain
+                steps, one step of the largest arm followed, it accepted nothing, and every
+                arm's mean read 0.09: its first prompt (translation) was played in 1-node
+                trees for 32 steps where fixed 64-node trees took 19.
     shift_z:    change detection: when the EMA (rate 0.1) of the played arm's z-score
                 exceeds this, all statistics but ``shift_keep`` of their weight are dropped.
     min_depth:  chain stopping never stops before this many tokens.
@@ -281,6 +288,20 @@ class BudgetController:
                 budget that fell behind on stale statistics is re-measured (0 = never).
     probe_cost: probes are spaced so that their extra verify cost stays under this
                 share of the time (a probe of an arm 2x as costly waits 1 / 0.01 = 100 steps).
+    probe_far:  also probe the largest arm when no step has revealed it for as long as its
+                cost allows (same rule; so probes cost at most twice ``probe_cost``): one step
+                of it re-measures every arm. Climbing
+                one arm at a time, a controller
+                that had priced every arm at a poor start's acceptance stayed in 3-node trees
+                for two more translation prompts (H100 sweep), where 64-node trees accepted
+                1.6-2.6x as much: the 4-node arm's probes showed no gain, so none went higher.
+                None (the default): on a GPU, where 127 nodes cost ~1.3x one (the largest arm is
+                probed every ~30 steps when not played): in a simulation on such a curve, a
+                poor start (40 steps) then a stream where 64-node trees are best, it realised
+                0.95x the best fixed budget over the next 100 steps against 0.81x (6 seeds).
+                Off on a CPU, where it costs: 128 nodes cost ~6x one, and in the simulation of
+                interleaved poor and good requests on a CPU curve (three request orders) it
+                took the poor kind from 0.914x-0.919x to 0.899x-0.913x of its best fixed budget.
     request_prior: each request (``generate`` call; ``begin_request``) is estimated on its own
                 steps, with the pooled statistics as a prior worth this many steps whose
                 level follows the request: the prior for every arm is scaled by how this
@@ -383,7 +404,7 @@ class BudgetController:
                  arms: Sequence[TreeBudget] | None = None, latency: LatencyModel | None = None,
                  discount: float = 0.99, explore: float = 0.1, warmup: int = 8, ridge: float = 1e-3,
                  min_depth: int = 1, shift_z: float = 1.0, shift_keep: float = 0.05, probe_every: int = 8,
-                 probe_cost: float = 0.01, context_levels: int = 0, context_prior: float = 4.0,
+                 probe_cost: float = 0.01, probe_far: bool | None = None, context_levels: int = 0, context_prior: float = 4.0,
                  split_empty: bool = True, size_mix: bool = True, max_control_share: float = 0.03, max_stride: int = 8,
                  measure_latency: str = "cuda", length_bands: bool = False, request_prior: float | None = None,
                  paired: bool = False, draft_burn_in: int = 3, reveal_weight: float = 1.0, extend_depth: int = 16):
@@ -398,6 +419,8 @@ class BudgetController:
         self.ridge, self.min_depth = float(ridge), int(min_depth)
         self.shift_z, self.shift_keep = float(shift_z), float(shift_keep)
         self.probe_every, self.probe_cost = int(probe_every), float(probe_cost)
+        self._probe_far_auto = probe_far is None
+        self.probe_far = bool(probe_far)  # (None: set by ``attach``)
         self.context_levels, self.context_prior = int(context_levels), float(context_prior)
         self.split_empty, self.size_mix = bool(split_empty), bool(size_mix)
         self.max_control_share, self.max_stride = float(max_control_share), max(1, int(max_stride))
@@ -437,10 +460,13 @@ class BudgetController:
         """Give the controller a latency curve for ``runner``: the cached one if any was
         measured; else, where ``measure_latency`` says so, measured now and cached (a few
         verify forwards per tree size: on a GPU about a second, graph captures included);
-        else one learned online. ``request_prior=None`` is settled here, by the runner's device."""
+        else one learned online. ``request_prior=None`` and ``probe_far=None`` are settled here,
+        by the runner's device."""
         device = torch.device(getattr(runner, "device", "cpu"))
         if self._request_prior_auto:
             self.request_prior = 0.0 if device.type == "cuda" else 8.0
+        if self._probe_far_auto:
+            self.probe_far = device.type == "cuda"
         if self.latency is None:
             key = latency_key(model if model is not None else runner, runner)
             lm = LatencyModel.cached(key)
@@ -548,7 +574,8 @@ class BudgetController:
     def _decide(self, st: _Stats, ctx: int | None) -> tuple[TreeBudget, _Stats | None, dict | None]:
         """(budget, the stats whose probe clock it resets or None, trace entry or None) in
         context ``ctx`` (None: pooled); no state changes (see ``_take``)."""
-        if st.steps < self.warmup or not st.S[-1] > 0:
+        if (st.steps < self.warmup or not st.S[-1] > 0
+                or (st.top_reveals < self.warmup and st.steps < 4 * self.warmup)):
             return self.arms[-1], None, None
         cs = st.contexts.get(ctx) if ctx is not None else None
         idx, mean, cost = self._estimates(st, bonus=True, ctx=cs)
@@ -558,9 +585,15 @@ class BudgetController:
         pst = cs or st  # probes are spaced per context
         probe = None
         if self.probe_every and i + 1 < len(self.arms):
-            wait = max(self.probe_every, (cost[i + 1] / cost[i] - 1.0) / max(self.probe_cost, 1e-9))
-            if pst.steps - pst.last_probe >= wait:
-                i, probe = i + 1, pst  # probe one arm up
+            top = len(self.arms) - 1
+            # the largest arm (it re-measures every arm below it too) when it has not been
+            # revealed for long, else the one just above when no probe has been for long
+            for a, since in (((top, pst.steps - pst.seen_at[top]),) if self.probe_far and top > i + 1 else ()) + (
+                    (i + 1, pst.steps - pst.last_probe),):
+                wait = max(self.probe_every, (cost[a] / cost[i] - 1.0) / max(self.probe_cost, 1e-9))
+                if since >= wait:
+                    i, probe = a, pst
+                    break
         entry = None
         if self.trace is not None:
             entry = {"step": st.steps, "arm": i, "probe": probe is not None, "mean": mean.round(4).tolist(),

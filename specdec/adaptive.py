@@ -289,15 +289,14 @@ class BudgetController:
     probe_cost: probes are spaced so that their extra verify cost stays under this
                 share of the time (a probe of an arm 2x as costly waits 1 / 0.01 = 100 steps).
     probe_far:  also probe the largest arm when no step has revealed it for as long as its
-                cost allows (same rule; so probes cost at most twice ``probe_cost``): one step
-                of it re-measures every arm. Climbing
-                one arm at a time, a controller
+                cost allows (the same rule, so probes cost at most twice ``probe_cost``): one
+                step of it re-measures every arm. Climbing one arm at a time, a controller
                 that had priced every arm at a poor start's acceptance stayed in 3-node trees
                 for two more translation prompts (H100 sweep), where 64-node trees accepted
                 1.6-2.6x as much: the 4-node arm's probes showed no gain, so none went higher.
-                None (the default): on a GPU, where 127 nodes cost ~1.3x one (the largest arm is
-                probed every ~30 steps when not played): in a simulation on such a curve, a
-                poor start (40 steps) then a stream where 64-node trees are best, it realised
+                None (the default): on a GPU, where 127 nodes cost ~1.3x one (the largest arm
+                is probed every ~30 steps when not played). In a simulation on such a curve,
+                a poor start (40 steps) then a stream where 64-node trees are best, it realised
                 0.95x the best fixed budget over the next 100 steps against 0.81x (6 seeds).
                 Off on a CPU, where it costs: 128 nodes cost ~6x one, and in the simulation of
                 interleaved poor and good requests on a CPU curve (three request orders) it
@@ -404,7 +403,8 @@ class BudgetController:
                  arms: Sequence[TreeBudget] | None = None, latency: LatencyModel | None = None,
                  discount: float = 0.99, explore: float = 0.1, warmup: int = 8, ridge: float = 1e-3,
                  min_depth: int = 1, shift_z: float = 1.0, shift_keep: float = 0.05, probe_every: int = 8,
-                 probe_cost: float = 0.01, probe_far: bool | None = None, context_levels: int = 0, context_prior: float = 4.0,
+                 probe_cost: float = 0.01, probe_far: bool | None = None, context_levels: int = 0,
+                 context_prior: float = 4.0,
                  split_empty: bool = True, size_mix: bool = True, max_control_share: float = 0.03, max_stride: int = 8,
                  measure_latency: str = "cuda", length_bands: bool = False, request_prior: float | None = None,
                  paired: bool = False, draft_burn_in: int = 3, reveal_weight: float = 1.0, extend_depth: int = 16):
@@ -585,15 +585,14 @@ class BudgetController:
         pst = cs or st  # probes are spaced per context
         probe = None
         if self.probe_every and i + 1 < len(self.arms):
+            def due(a: int, since: float) -> bool:  # spaced by the arm's extra cost
+                return since >= max(self.probe_every, (cost[a] / cost[i] - 1.0) / max(self.probe_cost, 1e-9))
+
             top = len(self.arms) - 1
-            # the largest arm (it re-measures every arm below it too) when it has not been
-            # revealed for long, else the one just above when no probe has been for long
-            for a, since in (((top, pst.steps - pst.seen_at[top]),) if self.probe_far and top > i + 1 else ()) + (
-                    (i + 1, pst.steps - pst.last_probe),):
-                wait = max(self.probe_every, (cost[a] / cost[i] - 1.0) / max(self.probe_cost, 1e-9))
-                if since >= wait:
-                    i, probe = a, pst
-                    break
+            if self.probe_far and top > i + 1 and due(top, pst.steps - pst.seen_at[top]):
+                i, probe = top, pst  # the largest arm: one step of it re-measures every arm
+            elif due(i + 1, pst.steps - pst.last_probe):
+                i, probe = i + 1, pst  # probe one arm up
         entry = None
         if self.trace is not None:
             entry = {"step": st.steps, "arm": i, "probe": probe is not None, "mean": mean.round(4).tolist(),

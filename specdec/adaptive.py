@@ -298,9 +298,12 @@ class BudgetController:
                 is probed every ~30 steps when not played). In a simulation on such a curve,
                 a poor start (40 steps) then a stream where 64-node trees are best, it realised
                 0.95x the best fixed budget over the next 100 steps against 0.81x (6 seeds).
-                Off on a CPU, where it costs: 128 nodes cost ~6x one, and in the simulation of
-                interleaved poor and good requests on a CPU curve (three request orders) it
-                took the poor kind from 0.914x-0.919x to 0.899x-0.913x of its best fixed budget.
+                Off on a CPU, where it costs: 64 nodes cost ~3x a 4-node tree there, and a CPU
+                sweep (fixed 1 / 4 / 16 / 64 nodes, 18 Spec-Bench prompts) measured 0.93x the
+                best fixed budget with it against 1.00x without (1.06x vs 1.04x on 15 code and
+                math prompts); in the simulation of interleaved poor and good requests on a CPU
+                curve (three request orders) it took the poor kind from 0.914x-0.919x to
+                0.899x-0.913x of its best fixed budget.
     request_prior: each request (``generate`` call; ``begin_request``) is estimated on its own
                 steps, with the pooled statistics as a prior worth this many steps whose
                 level follows the request: the prior for every arm is scaled by how this

@@ -279,7 +279,8 @@ class BudgetController:
                 of the depth-8 arms. An H100 sweep's 8-token warm-up request used up 8 plain
                 steps, one step of the largest arm followed, it accepted nothing, and every
                 arm's mean read 0.09: its first prompt (translation) was played in 1-node
-                trees for 32 steps where fixed 64-node trees took 19.
+                trees for 32 steps where fixed 64-node trees took 19 (translation row 0.80x the
+                best fixed budget). Counted in reveals: 20 steps, and the row at 0.98x.
     shift_z:    change detection: when the EMA (rate 0.1) of the played arm's z-score
                 exceeds this, all statistics but ``shift_keep`` of their weight are dropped.
     min_depth:  chain stopping never stops before this many tokens.
@@ -294,10 +295,13 @@ class BudgetController:
                 that had priced every arm at a poor start's acceptance stayed in 3-node trees
                 for two more translation prompts (H100 sweep), where 64-node trees accepted
                 1.6-2.6x as much: the 4-node arm's probes showed no gain, so none went higher.
-                None (the default): on a GPU, where 127 nodes cost ~1.3x one (the largest arm
-                is probed every ~30 steps when not played). In a simulation on such a curve,
+                None (the default): on a GPU, where a 127-node step costs ~1.4x a 1-node one
+                (the largest arm is probed every ~40 steps when not played). In a simulation on
+                such a curve,
                 a poor start (40 steps) then a stream where 64-node trees are best, it realised
-                0.95x the best fixed budget over the next 100 steps against 0.81x (6 seeds).
+                0.95x the best fixed budget over the next 100 steps against 0.81x (6 seeds); an
+                H100 sweep (fp32, 36 Spec-Bench prompts) measured 1.00x the best fixed budget
+                with it and 0.98x without, and level on 18 code and math prompts (1.05x / 1.06x).
                 Off on a CPU, where it costs: 64 nodes cost ~3x a 4-node tree there, and a CPU
                 sweep (fixed 1 / 4 / 16 / 64 nodes, 18 Spec-Bench prompts) measured 0.93x the
                 best fixed budget with it against 1.00x without (1.06x vs 1.04x on 15 code and

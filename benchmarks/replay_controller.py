@@ -30,6 +30,14 @@ shipped controller on both cost models, and real runs did not confirm it (H200: 
 runs' step-to-step correlation of accepted counts (lag-1 0.60 vs 0.59 recorded on code +
 math at 64 nodes), so that is not where it parts from the real runs.
 
+Controllers are attached to a stand-in runner on the cost model's device (``overlap``: a GPU),
+so the device-dependent defaults are those ``generate`` would use (one pool and far probes on a
+GPU). Before, replays on the GPU cost models ran with the CPU's per-request estimates; on the
+recordings in ``benchmarks/results/2026-12-02-intel-r-xeon-r-processor/traces_*`` (16 / 64 / 128
+nodes, 4 seeds, h200-fp32) the GPU defaults replay at 0.976x /
+0.992x the best fixed budget on code + math / Spec-Bench, without far probes 0.975x / 0.972x, and
+with the CPU's per-request estimates 0.958x / 0.974x.
+
 It does not model ``extend_depth`` (a step drafted deeper after a full accept): the recorded
 trees stop at the recording's depth, so replayed steps keep their arm's depth.
 """
@@ -43,6 +51,7 @@ import math
 import random
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -274,8 +283,12 @@ def replay(args, doc: dict | None = None) -> dict:
         controllers = {name: BudgetController(grid=grid, max_depth=args.max_depth, max_control_share=0.0,
                                               latency=LatencyModel(spec["sizes"], spec["times"], buckets=spec["buckets"]),
                                               **opts) for name, opts in variants.items()}
+        # the runner's device settles the device-dependent defaults (``request_prior``,
+        # ``probe_far``) as in ``generate``; the cost model's cut of a budget is the runner's
+        runner = SimpleNamespace(device="cuda" if spec["overlap"] else "cpu",
+                                 fit_nodes=costs[next(iter(costs))].fit_nodes)
         for c in controllers.values():
-            c.use_fit(costs[next(iter(costs))].fit_nodes)
+            c.attach(runner)
         for _ in range(args.repeats):
             for trace in prompts:
                 runs = {m: replay_prompt(trace, costs[m], budget=b) for m, b in fixed.items()}

@@ -32,11 +32,11 @@ math at 64 nodes), so that is not where it parts from the real runs.
 
 Controllers are attached to a stand-in runner on the cost model's device (``overlap``: a GPU),
 so the device-dependent defaults are those ``generate`` would use (one pool and far probes on a
-GPU). Before, replays on the GPU cost models ran with the CPU's per-request estimates; on the
-recordings in ``benchmarks/results/2026-12-02-intel-r-xeon-r-processor/traces_*`` (16 / 64 / 128
-nodes, 4 seeds, h200-fp32) the GPU defaults replay at 0.976x /
-0.992x the best fixed budget on code + math / Spec-Bench, without far probes 0.975x / 0.972x, and
-with the CPU's per-request estimates 0.958x / 0.974x.
+GPU). Replays on the GPU cost models before 2026-12-07 ran with the CPU's per-request estimates.
+On the recordings in ``benchmarks/results/2026-12-02-intel-r-xeon-r-processor/traces_*`` (16 /
+64 / 128 nodes, 4 seeds, h200-fp32) the GPU defaults replay at 0.976x / 0.992x the best fixed
+budget on code + math / Spec-Bench, without far probes 0.975x / 0.972x, and with the CPU's
+per-request estimates 0.958x / 0.974x.
 
 It does not model ``extend_depth`` (a step drafted deeper after a full accept): the recorded
 trees stop at the recording's depth, so replayed steps keep their arm's depth.

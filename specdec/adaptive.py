@@ -297,10 +297,9 @@ class BudgetController:
                 1.6-2.6x as much: the 4-node arm's probes showed no gain, so none went higher.
                 None (the default): on a GPU, where a 127-node step costs ~1.4x a 1-node one
                 (the largest arm is probed every ~40 steps when not played). In a simulation on
-                such a curve,
-                a poor start (40 steps) then a stream where 64-node trees are best, it realised
-                0.95x the best fixed budget over the next 100 steps against 0.81x (6 seeds); an
-                H100 sweep (fp32, 36 Spec-Bench prompts) measured 1.00x the best fixed budget
+                such a curve, a poor start (40 steps) then a stream where 64-node trees are
+                best, it realised 0.95x the best fixed budget over the next 100 steps against
+                0.81x (6 seeds); an H100 sweep (fp32, 36 Spec-Bench prompts) measured 1.00x the best fixed budget
                 with it and 0.98x without, and level on 18 code and math prompts (1.05x / 1.06x).
                 Off on a CPU, where it costs: 64 nodes cost ~3x a 4-node tree there, and a CPU
                 sweep (fixed 1 / 4 / 16 / 64 nodes, 18 Spec-Bench prompts) measured 0.93x the

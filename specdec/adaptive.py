@@ -200,7 +200,7 @@ class _Stats:
         self.calibrators: dict[str, AcceptanceCalibrator] = {}
         self.last: TreeBudget | None = None
         self.last_probe = 0  # the step of the last probe
-        self.seen_at = np.zeros(n_arms)  # per arm: the step (``steps``) that last revealed it
+        self.top_seen = 0  # the step (``steps``) that last revealed the largest arm (``probe_far``)
         self.top_reveals = 0  # steps that revealed the largest arm (``warmup``)
         self.contexts: dict[int, _Stats] = {}  # per context (the last step's accepted count), arms only
         self.ctx: int | None = None  # the context of the next step
@@ -248,8 +248,9 @@ class _Stats:
                              [acc[k - 1] if p else 0.0 for k, p in enumerate(paired)]])
             self.M[:, arms] += rows
             self.R[:, arms] += rows[[0, 1, 5]]
-            self.seen_at[arms] = self.steps
-            self.top_reveals += arms[-1] == len(self.seen_at) - 1
+            if arms[-1] == self.M.shape[1] - 1:  # the largest arm
+                self.top_seen = self.steps
+                self.top_reveals += 1
             last = self.H.shape[1] - 1
             bins = [min(size_bin(x), last) for x in size]
             self.H[0, bins, arms] += w  # (distinct arms: distinct cells)
@@ -595,7 +596,7 @@ class BudgetController:
                 return since >= max(self.probe_every, (cost[a] / cost[i] - 1.0) / max(self.probe_cost, 1e-9))
 
             top = len(self.arms) - 1
-            if self.probe_far and top > i + 1 and due(top, pst.steps - pst.seen_at[top]):
+            if self.probe_far and top > i + 1 and due(top, pst.steps - pst.top_seen):
                 i, probe = top, pst  # the largest arm: one step of it re-measures every arm
             elif due(i + 1, pst.steps - pst.last_probe):
                 i, probe = i + 1, pst  # probe one arm up

@@ -4,11 +4,12 @@ Anything run from the root (``python -m pytest``, ``python -m benchmarks...``) h
 on ``sys.path`` first, so a top-level folder named like an installed package replaces it:
 a top-level ``kernels/`` broke ``import transformers`` once transformers (5.25) started to
 import Hugging Face's ``kernels`` package."""
-import importlib.util
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,8 +34,7 @@ def test_no_top_level_folder_shadows_an_installed_package():
 
 
 def test_transformers_imports_from_the_repository_root():
-    if importlib.util.find_spec("transformers") is None:
-        return
+    pytest.importorskip("transformers")
     code = "import transformers.activations, specdec; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -22,12 +22,12 @@ Random weights: acceptance means nothing here; this times the machinery only.
 
 Usage (CUDA; about a minute on an H100)::
 
-    python benchmarks/bench_step_latency.py --out benchmarks/results/
+    python -m benchmarks.bench_step_latency --out benchmarks/results/
 
 Debug on CPU (no timing worth reading; the graphed runner runs its padded static
 forward uncaptured)::
 
-    python benchmarks/bench_step_latency.py --device cpu --shape tiny --prefix 32 --n 1 4 \
+    python -m benchmarks.bench_step_latency --device cpu --shape tiny --prefix 32 --n 1 4 \
         --decode-tokens 8 --hf-tokens 4
 """
 from __future__ import annotations
@@ -47,15 +47,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script from anywhere: `benchmarks` and `specdec` import
-    sys.path.insert(0, str(ROOT))
+from .common import RESULTS_DIR, random_tree, sync, versions, warm_gpu
+from .models import build_compact, shape_config, to_dtype
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# CPU debug shape (head dim 16: the smallest the Triton kernel's tl.dot takes)
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=128, vocab_size=256, tie_word_embeddings=True, rope_theta=10000.0,
-            max_position_embeddings=4096, rms_norm_eps=1e-5)
 DEFAULT_N = [1, 2, 4, 8, 16, 32, 64, 128]
 
 
@@ -64,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--shapes", "--shape", nargs="+", default=["smollm2-shape", "llama3-8b-shape"],
                    help="model shapes: smollm2-shape, llama3-8b-shape, llama3.2-1b-shape, tiny (CPU debug)")
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (debug only)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--prefix", type=int, default=512, help="cached prefix length for (b) and (c)")
     p.add_argument("--n", type=int, nargs="+", default=DEFAULT_N, help="tree sizes (also the graph buckets)")
     p.add_argument("--decode-tokens", type=int, default=256, help="graphed decode steps for (c)")
@@ -77,7 +71,7 @@ def parse_args(argv=None):
                    help="the fused RMSNorm / RoPE kernels on or off (SPECDEC_FUSED_KERNELS=1 / 0); "
                         "default: the library's choice (on for CUDA)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output folder")
+    p.add_argument("--out", default=str(RESULTS_DIR), help="output folder")
     p.add_argument("--tag", default="", help="suffix for the output file names")
     args = p.parse_args(argv)
     if any(n < 1 for n in args.n) or args.prefix < 0:
@@ -130,11 +124,6 @@ class Timer:
         return statistics.median(times)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def copy_bandwidth(device: torch.device, timer: Timer) -> dict:
     """Device-to-device copy of a large fp32 tensor: (bytes read + written) / time."""
     nbytes = (1 << 30) if device.type == "cuda" else (64 << 20)
@@ -142,43 +131,6 @@ def copy_bandwidth(device: torch.device, timer: Timer) -> dict:
     dst = torch.empty_like(src)
     ms = timer(lambda: dst.copy_(src))  # both freed on return
     return {"bytes": nbytes, "ms": ms, "GBps": 2 * nbytes / (ms * 1e-3) / 1e9}
-
-
-# ----------------------------------------------------------------------------- models
-
-def shape_config(shape: str) -> dict:
-    from benchmarks.models import SHAPES
-
-    name = shape[: -len("-shape")] if shape.endswith("-shape") else shape
-    if name == "tiny":
-        return dict(TINY)
-    if name not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; choose tiny or one of {', '.join(s + '-shape' for s in SHAPES)}")
-    return dict(SHAPES[name])
-
-
-def build(shape: str, dtype: torch.dtype, device: torch.device, seed: int):
-    """A transformers Llama of ``shape`` with random weights created on ``device`` (as
-    benchmarks.models.shape_model), and the compact model sharing its tensors."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from specdec.models import load_compact
-
-    cfg = LlamaConfig(**shape_config(shape), bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        try:
-            hf = LlamaForCausalLM._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
-        except (TypeError, ValueError) as e:
-            print(f"# _from_config(attn_implementation='sdpa') failed ({e}); using the default", flush=True)
-            hf = LlamaForCausalLM._from_config(cfg, dtype=dtype)
-    hf = hf.to(device).eval().requires_grad_(False)
-    hf.generation_config.eos_token_id = None  # random weights: always run to max_new_tokens
-    hf.generation_config.pad_token_id = 0
-    model = load_compact(hf)
-    if model is None:
-        raise RuntimeError("load_compact returned None for a Llama shape")
-    return hf, model
 
 
 def byte_counts(model, prefix: int) -> dict:
@@ -192,16 +144,6 @@ def byte_counts(model, prefix: int) -> dict:
     kv = 2 * model.num_layers * model.num_kv_heads * prefix * model.head_dim * embed.element_size()
     return {"params": sum(p.numel() for p in unique.values()), "weight_bytes": total, "tied_embeddings": tied,
             "weight_bytes_read_per_step": read, "kv_bytes_prefix": kv}
-
-
-def random_tree(n: int, g: torch.Generator):
-    """(parents list, depth [n], ancestor mask [n, n] bool): each node's parent among the
-    previous four nodes (bushy near the root, like the drafters' trees)."""
-    from specdec.tree import TokenTree
-
-    parents = [-1] + [int(torch.randint(max(0, i - 4), i, (), generator=g)) for i in range(1, n)]
-    tree = TokenTree(torch.zeros(n, dtype=torch.long), torch.tensor(parents))
-    return parents, tree.depth.clone(), tree.ancestor_mask.clone()
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -301,7 +243,7 @@ def bench_shape(shape: str, args, timer, device, dtype, bw) -> dict:
 
     res: dict = {"shape": shape, "config": shape_config(shape)}
     t0 = time.perf_counter()
-    hf, model = build(shape, dtype, device, args.seed)
+    hf, model = build_compact(shape, dtype, device, args.seed)
     sync(device)
     res["build_s"] = time.perf_counter() - t0
     counts = byte_counts(model, args.prefix)
@@ -352,16 +294,6 @@ def bench_shape(shape: str, args, timer, device, dtype, bw) -> dict:
 
 
 # ----------------------------------------------------------------------------- report
-
-def versions() -> dict:
-    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
-    for mod in ("triton", "transformers"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception as e:  # noqa: BLE001
-            info[mod] = f"absent ({type(e).__name__})"
-    return info
-
 
 def to_markdown(meta: dict, results: list[dict]) -> str:
     def f(x, fmt="{:.3f}"):
@@ -437,7 +369,7 @@ def main(argv=None) -> int:
         except ValueError as e:
             print(f"bench_step_latency: {e}", file=sys.stderr)
             return 2
-    dtype = DTYPES[args.dtype]
+    dtype = to_dtype(args.dtype)
     timer = Timer(device, args.quick)
     t_start = time.perf_counter()
     from specdec.ops import backend
@@ -453,8 +385,6 @@ def main(argv=None) -> int:
         meta["sm_count"] = torch.cuda.get_device_properties(device).multi_processor_count
     print(f"# {meta['gpu']} | " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), flush=True)
     if device.type == "cuda":
-        from benchmarks.bench_tree_attention import warm_gpu
-
         warm_gpu()
     meta["copy_bandwidth"] = copy_bandwidth(device, timer)
     bw = meta["copy_bandwidth"]["GBps"]

@@ -16,7 +16,7 @@ Peers:
 
 Usage (CUDA only)::
 
-    python benchmarks/bench_tree_attention.py --out benchmarks/results/
+    python -m benchmarks.bench_tree_attention --out benchmarks/results/
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ import datetime as _dt
 import importlib
 import json
 import math
-import platform
 import shlex
 import sys
 from pathlib import Path
@@ -33,18 +32,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from .common import RESULTS_DIR, random_tree_mask, versions, warm_gpu
+from .models import to_dtype
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output folder")
+    p.add_argument("--out", default=str(RESULTS_DIR), help="output folder")
     p.add_argument("--n", type=int, nargs="+", default=[1, 16, 64, 128], help="tree sizes")
     p.add_argument("--prefix", type=int, nargs="+", default=[512, 4096, 32768], help="cached prefix lengths")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--window", type=int, default=None, help="sliding window (Gemma 3 local layers)")
     p.add_argument("--splits", type=int, nargs="*", default=None,
                    help="also time the kernel at these fixed split counts (tuning)")
@@ -53,26 +53,6 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="", help="suffix for the output file names")
     return p.parse_args(argv)
-
-
-def random_tree_mask(n: int, seed: int) -> torch.Tensor:
-    from specdec.tree import TokenTree
-
-    g = torch.Generator().manual_seed(seed)
-    parents = [-1] + [int(torch.randint(max(-1, i - 4), i, (), generator=g)) for i in range(1, n)]
-    return TokenTree(torch.zeros(n, dtype=torch.long), torch.tensor(parents)).ancestor_mask
-
-
-def warm_gpu(seconds: float = 0.5) -> None:
-    """Run matrix products for a moment so clocks are up before the first timing."""
-    import time
-
-    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        for _ in range(10):
-            a @ a
-        torch.cuda.synchronize()
 
 
 def graph_time(fn, warmup: int, rep: int) -> float:
@@ -96,18 +76,6 @@ def eager_time(fn, warmup: int, rep: int) -> float:
     from triton.testing import do_bench
 
     return 1e3 * do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
-
-
-def versions() -> dict:
-    import triton
-
-    info = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-            "python": platform.python_version()}
-    try:
-        info["flash_attn"] = importlib.import_module("flash_attn").__version__
-    except Exception as e:  # say what the peer is rather than crash
-        info["flash_attn"] = f"absent ({type(e).__name__}: {e})"
-    return info
 
 
 def bench_case(n, prefix, args, dtype, flash):
@@ -246,8 +214,8 @@ def main(argv=None) -> int:
     if args.heads % args.kv_heads:
         print("bench_tree_attention: --heads must be a multiple of --kv-heads", file=sys.stderr)
         return 2
-    dtype = DTYPES[args.dtype]
-    vers = versions()
+    dtype = to_dtype(args.dtype)
+    vers = versions("flash_attn")
     flash = None
     if backend.has_flash_attn():
         try:

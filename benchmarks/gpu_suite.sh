@@ -8,14 +8,14 @@
 #
 # build      pip install -e . (CPU extension + CUDA ops for sm_90) and import checks
 # tests      every test marked `gpu` except the real-model ones
-# latency    benchmarks/bench_step_latency.py (random-weight SmolLM2 and Llama-3-8B shapes)
+# latency    benchmarks.bench_step_latency (random-weight SmolLM2 and Llama-3-8B shapes)
 # latency-unfused  the same without the fused RMSNorm / RoPE kernels (SPECDEC_FUSED_KERNELS=0)
-# profile    benchmarks/profile_step.py: per-kernel device time of a verify step vs tree size
+# profile    tools/profile_step.py: per-kernel device time of a verify step vs tree size
 # realtests  tests/test_real_model_gpu.py (fast path == generic == transformers, fp32)
 # real-fp32  benchmarks.run on the real SmolLM2, fp32: speed and exact match vs transformers
 # real-bf16  the same in bf16, exact match vs specdec's own plain decoding
 # real-t07   the same in bf16 sampled at temperature 0.7 (speed and tau; no exact match)
-# sweep      benchmarks/sweep_adaptive.py on the real SmolLM2 in bf16 (adaptive vs fixed budgets;
+# sweep      tools/sweep_adaptive.py on the real SmolLM2 in bf16 (adaptive vs fixed budgets;
 #            SWEEP_DTYPE=float32: every setting's greedy output identical, so per-dataset rows
 #            compare the same text, which bf16 near-ties do not guarantee)
 # gemma-bf16 / gemma-t07  real-bf16 / real-t07 on Gemma-3-270M (SPECDEC_GEMMA_GGUF)
@@ -56,15 +56,15 @@ print(torch.__version__, triton.__version__, transformers.__version__, backend.d
       timeout 120 python -m pytest -q -rfE --tb=short tests/test_fused_kernels.py > "$out/tests-fused.log" 2>&1
       echo "fused-kernel tests rc=$?"; tail -3 "$out/tests-fused.log" ;;
     latency)
-      timeout "${LATENCY_TIMEOUT:-200}" python benchmarks/bench_step_latency.py --out "$out" --tag "$tag" \
+      timeout "${LATENCY_TIMEOUT:-200}" python -m benchmarks.bench_step_latency --out "$out" --tag "$tag" \
         > "$out/latency.log" 2>&1
       echo "latency rc=$?"; tail -40 "$out/latency.log" ;;
     latency-unfused)
-      timeout "${LATENCY_TIMEOUT:-200}" python benchmarks/bench_step_latency.py --no-fused --out "$out" \
+      timeout "${LATENCY_TIMEOUT:-200}" python -m benchmarks.bench_step_latency --no-fused --out "$out" \
         --tag "${tag}_unfused" > "$out/latency-unfused.log" 2>&1
       echo "latency-unfused rc=$?"; tail -40 "$out/latency-unfused.log" ;;
     profile)
-      timeout "${PROFILE_TIMEOUT:-150}" python benchmarks/profile_step.py --out "$out" --tag "$tag" \
+      timeout "${PROFILE_TIMEOUT:-150}" python -m tools.profile_step --out "$out" --tag "$tag" \
         > "$out/profile.log" 2>&1
       echo "profile rc=$?"; tail -50 "$out/profile.log" ;;
     realtests)
@@ -77,7 +77,7 @@ print(torch.__version__, triton.__version__, transformers.__version__, backend.d
     gemma-bf16) bench "$SPECDEC_GEMMA_GGUF" bfloat16 specdec_none gemma-bf16 0 ;;
     gemma-t07) bench "$SPECDEC_GEMMA_GGUF" bfloat16 hf_greedy gemma-bf16-t07 0.7 ;;
     sweep)
-      timeout "${SWEEP_TIMEOUT:-280}" python -m benchmarks.sweep_adaptive --model "$SPECDEC_SMOLLM2_GGUF" --device cuda \
+      timeout "${SWEEP_TIMEOUT:-280}" python -m tools.sweep_adaptive --model "$SPECDEC_SMOLLM2_GGUF" --device cuda \
         --dtype "${SWEEP_DTYPE:-bfloat16}" --data-dir "$data" --datasets "${SWEEP_DATASETS:-humaneval,gsm8k,mbpp,spec_bench}" \
         --limit "${SWEEP_LIMIT:-3}" --max-new-tokens "$new" --drafter "${SWEEP_DRAFTER:-ngram+recycling}" \
         --nodes "${SWEEP_NODES:-1,4,16,64}" --depths 8 --repeats "${SWEEP_REPEATS:-1}" --tag "$tag" \

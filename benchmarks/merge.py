@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from . import report
-from .run import PLAIN, REFERENCE, slug
+from .common import slug
+from .run import PLAIN, REFERENCE
 
 # settings that must agree for records of different parts to sit in one table
 SAME_SETTINGS = ("dtype", "batch_size", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos",

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .common import sync
+
 
 class Unavailable(Exception):
     """The method cannot run here; the message says why."""
@@ -57,11 +59,6 @@ class RunResult:
     wall_s: float  # the whole call: prefill + decode
     prefill_s: float | None = None  # HF: time to first token; specdec: the prefill forward
     stats: dict | None = None  # specdec: GenerationStats.as_dict() plus accepted_per_step
-
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Method:

@@ -147,6 +147,47 @@ def shape_model(shape: str, dtype, device, seed: int = 0) -> torch.nn.Module:
     return _finish(model, device)
 
 
+# CPU debug shape of the kernel benchmarks (head dim 16: the smallest the Triton kernel's tl.dot takes)
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, vocab_size=256, tie_word_embeddings=True, rope_theta=10000.0,
+            max_position_embeddings=4096, rms_norm_eps=1e-5)
+
+
+def shape_config(shape: str) -> dict:
+    """The Llama config of ``<name>-shape`` (a name of ``SHAPES``) or ``tiny``."""
+    name = shape[: -len("-shape")] if shape.endswith("-shape") else shape
+    if name == "tiny":
+        return dict(TINY)
+    if name not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose tiny or one of {', '.join(s + '-shape' for s in SHAPES)}")
+    return dict(SHAPES[name])
+
+
+def build_compact(shape: str, dtype, device, seed: int = 0):
+    """(transformers Llama, compact model sharing its tensors) of ``shape`` (see
+    ``shape_config``) with random weights created on ``device``, sdpa attention."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from specdec.models import load_compact
+
+    dtype = to_dtype(dtype)
+    cfg = LlamaConfig(**shape_config(shape), bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        try:
+            hf = LlamaForCausalLM._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+        except (TypeError, ValueError) as e:
+            print(f"# _from_config(attn_implementation='sdpa') failed ({e}); using the default", flush=True)
+            hf = LlamaForCausalLM._from_config(cfg, dtype=dtype)
+    hf = _finish(hf, device)
+    hf.generation_config.eos_token_id = None  # random weights: always run to max_new_tokens
+    hf.generation_config.pad_token_id = 0
+    model = load_compact(hf)
+    if model is None:
+        raise RuntimeError("load_compact returned None for a Llama shape")
+    return hf, model
+
+
 def _shape_tokenizer(vocab: int):
     """SmolLM2's tokenizer when it is installed (its ids fit every shape's vocab), else bytes."""
     try:

@@ -1,4 +1,4 @@
-"""Summaries, Markdown, PNG plots and LATEST.md for a benchmark run (see run.py)."""
+"""Summaries, Markdown and PNG plots for a benchmark run (see run.py)."""
 from __future__ import annotations
 
 import json
@@ -271,23 +271,6 @@ def plot(results: dict, folder: Path, stem: str, *, reference: str) -> list[str]
 
 # --- files -------------------------------------------------------------------------------------------
 
-def write_latest(folder: Path, md_name: str, results: dict, reference: str) -> Path:
-    """LATEST.md beside the run folders: the newest run's headline table and every run's link."""
-    root = folder.parent
-    rel = f"{folder.name}/{md_name}"
-    runs = sorted(root.glob("*/*.md"), key=lambda p: p.stat().st_mtime, reverse=True)
-    s = results["settings"]
-    lines = ["# Latest benchmark results", "",
-             f"Newest: [{rel}]({rel}) -- {s['model']['name']}, {s['dtype']}, {results['hardware']['device_name']}, "
-             f"{results['date']}.", "", f"Tokens/s (speedup vs {reference}):", ""]
-    lines += headline_table(results, reference)
-    lines += ["", "All runs (newest first):", ""]
-    lines += [f"- [{p.relative_to(root)}]({p.relative_to(root)})" for p in runs]
-    path = root / "LATEST.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def write_all(results: dict, where: tuple[Path, str], *, plots: bool = True,
               reference: str = "hf_greedy", plain: str = "specdec_none") -> list[str]:
     folder, stem = where
@@ -305,9 +288,7 @@ def write_all(results: dict, where: tuple[Path, str], *, plots: bool = True,
     pngs = plot(results, folder, stem, reference=reference) if plots else []
     if pngs:
         write(pngs)
-    files = list(results["out_files"])
-    files.append(str(write_latest(folder, f"{stem}.md", results, reference)))
-    return files
+    return list(results["out_files"])
 
 
 def console_summary(results: dict, reference: str = "hf_greedy") -> str:

@@ -4,7 +4,7 @@ MBPP and Spec-Bench prompts, one model, one machine, one run.
     python -m benchmarks.run --limit 40 --max-new-tokens 128          # or: specdec bench ...
 
 Writes raw JSON, a Markdown table and PNG plots into --out (default
-benchmarks/results/<date>-<device>/) and refreshes LATEST.md beside that folder.
+benchmarks/results/<date>-<device>/).
 See benchmarks/README.md.
 """
 from __future__ import annotations
@@ -13,12 +13,9 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
-import re
 import resource
 import shlex
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,8 +23,8 @@ from pathlib import Path
 import torch
 
 from . import datasets, methods, models, report
+from .common import RESULTS_DIR, device_name, environment, fit_prompts, ints, slug
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REFERENCE = "hf_greedy"
 PLAIN = "specdec_none"
 
@@ -92,45 +89,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # --- environment -------------------------------------------------------------------------------------
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return cpu_model()
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-") or "unknown"
-
-
-def _version(pkg: str) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(pkg)
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _git(*cmd) -> str | None:
-    try:
-        r = subprocess.run(["git", *cmd], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
-                           timeout=10)
-        return r.stdout.strip() if r.returncode == 0 else None
-    except Exception:  # noqa: BLE001
-        return None
-
-
 def command_line(argv) -> str:
     """The command as typed: ``python -m benchmarks.run ...`` or ``specdec bench ...``."""
     prog = sys.argv[0] if sys.argv else ""
@@ -141,33 +99,6 @@ def command_line(argv) -> str:
     else:
         return shlex.join(sys.argv)
     return shlex.join(head + list(argv if argv is not None else sys.argv[1:]))
-
-
-def environment(args, device) -> dict:
-    import transformers
-
-    try:
-        import specdec
-
-        sd_version = specdec.__version__
-    except Exception as e:  # noqa: BLE001
-        sd_version = f"import failed: {e}"
-    dev = torch.device(device)
-    hw = {"device": str(dev), "device_name": device_name(dev), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-          "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-          "python": platform.python_version()}
-    if dev.type == "cuda":
-        prop = torch.cuda.get_device_properties(dev)
-        hw.update(gpu=prop.name, gpu_memory_gib=round(prop.total_memory / 2**30, 1),
-                  compute_capability=f"{prop.major}.{prop.minor}", cuda=torch.version.cuda)
-    commit = _git("rev-parse", "HEAD")
-    dirty = _git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {"hardware": hw,
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "triton": _version("triton"), "specdec": sd_version,
-                         "specdec_commit": (commit + ("+dirty" if dirty else "")) if commit else None},
-            "command": command_line(getattr(args, "_argv", None)), "argv": getattr(args, "_argv", None),
-            "date": _dt.datetime.now().isoformat(timespec="seconds")}
 
 
 class Memory:
@@ -234,33 +165,9 @@ def compare(ref: list[int], out: list[int]) -> dict:
             "ref_tail": ref[first:first + 16], "out_tail": out[first:first + 16]}
 
 
-def _context_length(model) -> int:
-    cfg = model.config
-    cfg = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
-    return getattr(cfg, "max_position_embeddings", None) or 1 << 30
-
-
-def _fit_prompts(prompts: dict, model, args) -> tuple[dict, dict]:
-    """Drop prompts that do not fit the context with max_new_tokens (or --max-prompt-tokens)."""
-    max_prompt = _context_length(model) - args.max_new_tokens - 16
-    if args.max_prompt_tokens:
-        max_prompt = min(max_prompt, args.max_prompt_tokens)
-    kept, skipped = {}, {}
-    for subset, items in prompts.items():
-        too_long = [p.id for p in items if p.prompt_ids.shape[1] > max_prompt]
-        if too_long:
-            skipped[subset] = too_long
-            print(f"{subset}: skipping {len(too_long)} prompts longer than {max_prompt} tokens")
-        if len(too_long) < len(items):
-            kept[subset] = [p for p in items if p.prompt_ids.shape[1] <= max_prompt]
-    if not kept:
-        raise SystemExit("no prompts to run (check --datasets, --limit, --max-prompt-tokens)")
-    return kept, skipped
-
-
 def _setup_methods(args, ctx, prompts) -> tuple[list, list, dict]:
     """(chosen, active, absent): set up and warm up every selected method; the reference first."""
-    catalogue = methods.catalogue(assist_tokens=_ints(args.assist_tokens), lookup_tokens=_ints(args.lookup_tokens),
+    catalogue = methods.catalogue(assist_tokens=ints(args.assist_tokens), lookup_tokens=ints(args.lookup_tokens),
                                   compact=args.compact or "compact" in (args.methods or ""))
     chosen, unknown = methods.select(catalogue, args.methods)
     # the reference runs first per prompt, then the exact-match reference (when another method)
@@ -399,7 +306,8 @@ def run_benchmark(args, *, loaded: models.Loaded | None = None, draft: models.Lo
     device = torch.device(args.device)
     if args.threads and device.type == "cpu":
         torch.set_num_threads(args.threads)
-    env = environment(args, device)
+    argv = getattr(args, "_argv", None)
+    env = environment(device, command=command_line(argv), argv=argv)
     selected = datasets.select(args.datasets, data_dir=args.data_dir, limit=args.limit,
                                per_category=args.per_category)  # fails early on a missing --data-dir
     if loaded is None:
@@ -415,7 +323,8 @@ def run_benchmark(args, *, loaded: models.Loaded | None = None, draft: models.Lo
                           top_p=args.top_p, draft_model=draft.model if draft else None,
                           drafter_opts=json.loads(args.drafter_opts), adaptive=args.adaptive)
     tokenized = datasets.tokenize(selected, loaded.tokenizer, args.chat, loaded.is_instruct)
-    prompts, skipped = _fit_prompts(tokenized, loaded.model, args)
+    prompts, skipped = fit_prompts(tokenized, loaded.model, max_new_tokens=args.max_new_tokens,
+                                   max_prompt_tokens=args.max_prompt_tokens)
     chosen, active, absent = _setup_methods(args, ctx, prompts)
     skip = measured_prompts(args.skip_measured, [m.name for m in active])
     order = plan(prompts, skip=skip, shard=parse_shard(args.shard))
@@ -451,10 +360,6 @@ def run_benchmark(args, *, loaded: models.Loaded | None = None, draft: models.Lo
     return results
 
 
-def _ints(s: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in str(s).split(",") if x.strip())
-
-
 def out_dir(args, device, loaded) -> tuple[Path, str]:
     """(folder, file stem): benchmarks/results/<date>-<device>/<model>_<dtype>_<greedy|tX>."""
     folder = Path(args.out) if args.out else RESULTS_DIR / f"{_dt.date.today().isoformat()}-{slug(device_name(device))}"
@@ -469,7 +374,7 @@ def main(argv=None, *, model=None, tokenizer=None, draft_model=None) -> int:
     args = parse_args(argv)
     args._argv = argv
     if args.list_methods:
-        for m in methods.catalogue(assist_tokens=_ints(args.assist_tokens), lookup_tokens=_ints(args.lookup_tokens),
+        for m in methods.catalogue(assist_tokens=ints(args.assist_tokens), lookup_tokens=ints(args.lookup_tokens),
                                    compact=True):
             print(f"{m.name:28s} {m.description}")
         return 0

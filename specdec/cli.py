@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -123,8 +124,13 @@ def main(argv=None) -> int:
     b.set_defaults(fn=None)
     args, rest = p.parse_known_args(argv)
     if args.cmd == "bench":
-        from benchmarks.run import main as bench_main  # available from a source checkout
-
+        if os.path.isfile(os.path.join("benchmarks", "run.py")) and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # (a console script's path holds its bin/, not the checkout)
+        try:
+            from benchmarks.run import main as bench_main  # the suite lives in the source checkout
+        except ModuleNotFoundError:
+            raise SystemExit("specdec bench runs the benchmark suite of a source checkout: run it from the "
+                             "repository root (or use `python -m benchmarks.run` there)") from None
         return bench_main(rest)
     return args.fn(args)
 

@@ -11,7 +11,8 @@ from specdec import drafters
 from specdec.backends.compact import CompactRunner
 from specdec.backends.cuda_graphs import GraphedCompactRunner
 from specdec.backends.generic import HFRunner
-from specdec.generate import _RUNNERS, _as_runner
+from specdec.backends.select import KEPT_RUNNERS as _RUNNERS
+from specdec.backends.select import as_runner as _as_runner
 from conftest import hf_greedy, tiny_model
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -1,14 +1,15 @@
 """The benchmark suite end to end on a tiny random Llama and a two-prompt dataset."""
 import importlib.util
 import json
-import sys
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import tiny_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives in the source checkout
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
 def test_bench_suite_writes_results(tmp_path):
@@ -37,7 +38,6 @@ def test_bench_suite_writes_results(tmp_path):
     assert hum["hf_greedy"]["tokens_per_s"] > 0
     text = md[0].read_text()
     assert "specdec_ngram" in text and "hf_greedy" in text
-    assert (out.parent / "LATEST.md").exists() and md[0].name in (out.parent / "LATEST.md").read_text()
     if importlib.util.find_spec("matplotlib") is not None:
         assert len(list(out.glob("*.png"))) == 2
 
@@ -178,72 +178,31 @@ def test_compare_reports_first_difference():
     assert d["match"] is False and d["first_diff"] == 1 and d["n_diff"] == 2
 
 
-def test_attention_heuristic_against_the_saved_h200_tuning():
+def test_attention_heuristic_against_the_saved_h200_tuning(monkeypatch):
     """The tree-attention launch heuristic, replayed on the committed H200 tuning run
-    (in-model timings of every config x split count): within 20% of the best candidate
-    on average and 1.6x at worst (the heuristic it replaced: 1.68x on average)."""
-    from pathlib import Path
+    (tools/tune_layer_kernels.py: in-model timings of every config x split count): within
+    20% of the best candidate on average and 1.6x at worst (the heuristic it replaced:
+    1.68x on average). Runs anywhere: the heuristic is asked as if on an H200 (132 SMs)."""
+    from specdec.kernels import tree_attention as tk
 
-    from benchmarks.tune_layer_kernels import evaluate_heuristic
-
-    path = Path(__file__).parent.parent / "benchmarks/results/2026-12-01-h200-s3/tune_layer_kernels_h200.json"
-    ev = evaluate_heuristic(str(path))
-    assert ev["cases"] == 36
-    assert ev["geomean_vs_best"] < 1.2 and ev["worst_vs_best"] < 1.6, ev["geomean_vs_best"]
-    assert ev["tuned_run_auto_geomean_vs_best"] > 1.5
-
-
-def test_replay_controller_record_and_replay(tmp_path):
-    """Recorded trees replayed at the recorded budget retrace the run step for step; the
-    replay runs fixed budgets and controllers and reports them against the best fixed one."""
-    import sys
-    from pathlib import Path
-
-    from conftest import tiny_model, write_humaneval
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks import replay_controller as rc
-    from specdec.config import TreeBudget
-
-    data = write_humaneval(tmp_path / "data", call="f0(")
-    traces = tmp_path / "traces.json"
-    assert rc.main(["record", "--datasets", "humaneval", "--data-dir", str(data), "--limit", "2",
-                    "--max-new-tokens", "16", "--drafter", "ngram", "--nodes", "8", "--depth", "4",
-                    "--out", str(traces)], model=tiny_model("llama")) == 0
-    doc = json.loads(traces.read_text())
-    assert len(doc["traces"]) == 2 and all(t["steps"] for t in doc["traces"])
-    costs = rc.CostModel(rc.COSTS["xeon-cpu"], jitter=0.0, seed=0)
-    for t in doc["traces"]:
-        visited = []
-        tokens, seconds = rc.replay_prompt(t, costs, budget=TreeBudget(8, 4), visited=visited)
-        starts = [s["start"] for s in t["steps"]]
-        assert tokens == t["new_tokens"] and seconds > 0
-        assert visited[:len(starts)] == starts and len(visited) in (len(starts), len(starts) + 1)
-        tree, path = rc.cut(t["steps"][0], 8, 4)
-        assert len(tree) == len(t["steps"][0]["parents"]) and path == t["steps"][0]["accepted"]
-    out = tmp_path / "replay.json"
-    assert rc.main(["replay", str(traces), "--costs", "h200-fp32", "--fixed", "1:1,8:4", "--grid", "1,8",
-                    "--max-depth", "4", "--seeds", "1", "--repeats", "1", "--variants",
-                    '{"adaptive": {}, "one-pool": {"request_prior": 0}}', "--out", str(out)]) == 0
-    table = json.loads(out.read_text())["table"]
-    assert set(table) == {"humaneval", "all"} and set(table["all"]) == {"n1_d1", "n8_d4", "adaptive", "one-pool"}
-    assert max(table["all"][m]["vs_best_fixed"] for m in ("n1_d1", "n8_d4")) == 1.0
-    assert all(0 < v["vs_best_fixed"] < 2 for v in table["all"].values())
-    # a second recording at a smaller budget: each replayed budget takes its own run's trees
-    small = tmp_path / "traces2.json"
-    assert rc.main(["record", "--datasets", "humaneval", "--data-dir", str(data), "--limit", "2",
-                    "--max-new-tokens", "16", "--drafter", "ngram", "--nodes", "2", "--depth", "4",
-                    "--out", str(small)], model=tiny_model("llama")) == 0
-    doc2 = json.loads(small.read_text())
-    prompts = rc.group_recordings([doc, doc2])
-    assert [sorted(p) for p in prompts] == [[2, 8], [2, 8]]
-    for p, t in zip(prompts, doc2["traces"]):
-        visited = []
-        tokens, _ = rc.replay_prompt(p, costs, budget=TreeBudget(2, 4), visited=visited)
-        starts = [s["start"] for s in t["steps"]]
-        assert tokens == t["new_tokens"] and visited[:len(starts)] == starts
-    with pytest.raises(ValueError, match="same prompts"):
-        rc.group_recordings([doc, {"budget": [2, 4], "traces": doc2["traces"][:1]}])
-    assert rc.main(["replay", str(traces), str(small), "--costs", "h200-fp32", "--fixed", "2:2,8:4", "--grid", "2,8",
-                    "--max-depth", "4", "--seeds", "1", "--repeats", "1", "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["recorded_budgets"] == [2, 8]
+    shapes = {"smollm2": (9, 3, 64), "llama3-8b": (32, 8, 128)}  # (Hq, Hkv, D) as tuned
+    cases = json.loads((RESULTS / "2026-12-01-h200-s3/tune_layer_kernels_h200.json").read_text())["attention"]
+    monkeypatch.setattr(tk, "_device_info", lambda device: (132, 227 * 1024))
+    dev = torch.device("cuda")
+    ratios, old = [], []
+    for c in cases:
+        hq, hkv, d = shapes[c["shape"]]
+        rows = c["n"] * hq // hkv
+        s = tk.default_num_splits(rows, hkv, c["L"], d, dev)
+        cfg = tk.block_config(rows, d, 2, dev, c["L"], s)
+        s = max(x for x in (1, 2, 4, 8, 16, 32) if x <= min(s, max(1, c["L"] // 16)))  # as measured
+        key = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_stages"], s)
+        got = next((t["us"] for t in c["timings"]
+                    if (t["BLOCK_M"], t["BLOCK_N"], t["num_stages"], t["splits"]) == key), None)
+        if got is not None:
+            ratios.append(got / c["best"]["us"])
+            old.append(c["auto_us"] / c["best"]["us"])
+    geomean = lambda xs: math.exp(sum(map(math.log, xs)) / len(xs))  # noqa: E731
+    assert len(ratios) == 36
+    assert geomean(ratios) < 1.2 and max(ratios) < 1.6, geomean(ratios)
+    assert geomean(old) > 1.5

@@ -147,7 +147,7 @@ def test_keep_then_decode_equals_fresh_run(hf):
     runner.forward(prefix, torch.arange(7))
     runner.forward(tree, 7 + DEPTH, ancestor_mask(PARENTS), mask_start=7)
     accepted = path_to(PARENTS, 6)  # [0, 1, 4, 6]
-    runner.keep(7, torch.tensor(accepted))
+    runner.commit(7, torch.tensor(accepted))
     assert runner.length == 7 + len(accepted)
     seq = torch.cat([prefix, tree[accepted], more])
     ref = ref_logits(hf, seq)
@@ -261,7 +261,7 @@ def test_cuda_tree_keep_decode(name, dtype):
         seq = torch.cat([prefix, tree[path_to(PARENTS, i)]]).cuda()
         assert_close(out[i:i + 1], ref_logits(hf_model, seq)[-1:].cpu(), rtol)
     accepted = path_to(PARENTS, 6)
-    runner.keep(7, torch.tensor(accepted, device=dev))
+    runner.commit(7, torch.tensor(accepted, device=dev))
     seq = torch.cat([prefix, tree[accepted], more])
     ref = ref_logits(hf_model, seq.cuda()).cpu()
     for t in range(7 + len(accepted), len(seq)):

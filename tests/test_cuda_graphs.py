@@ -50,20 +50,20 @@ def _session(runner, dev, seed: int = 0) -> list[torch.Tensor]:
     outs = [runner.forward(tok(7), arange(7))]
     L = runner.length
     outs.append(tree(PARENTS))
-    runner.keep(L, torch.tensor(path_to(PARENTS, 6), device=dev))
+    runner.commit(L, torch.tensor(path_to(PARENTS, 6), device=dev))
     for _ in range(3):
         outs.append(runner.forward(tok(1), arange(1)))
     L = runner.length
     outs.append(tree([-1, 0, 0]))
-    runner.keep(L, torch.tensor([0, 2], device=dev))
+    runner.commit(L, torch.tensor([0, 2], device=dev))
     outs.append(runner.forward(tok(5), arange(5)))
     runner.crop(runner.length - 2)
     L = runner.length
     outs.append(tree([-1, 0]))
-    runner.keep(L, torch.tensor([0], device=dev))
+    runner.commit(L, torch.tensor([0], device=dev))
     outs.append(runner.forward(tok(20), arange(20)))
     outs.append(tree(PARENTS))
-    runner.keep(L, torch.tensor([0, 1], device=dev))
+    runner.commit(L, torch.tensor([0, 1], device=dev))
     outs.append(runner.forward(tok(1), arange(1)))
     return outs
 
@@ -209,9 +209,10 @@ def test_budgets_fit_the_padded_buckets(monkeypatch):
     assert set(out.stats.budgets) == {3} and max(out.stats.tree_sizes) <= 3
 
     # the controller files each step under the arm it chose, not the trimmed budget
-    from specdec.adaptive import BudgetController, drafter_key
+    from specdec.adaptive import BudgetController, ControllerConfig, drafter_key
 
-    ctl = BudgetController(grid=(1, 4, 8), max_depth=8, warmup=3, latency=LatencyModel.from_function(lambda n: 1.0))
+    ctl = BudgetController(ControllerConfig(grid=(1, 4, 8), max_depth=8, warmup=3),
+                           latency=LatencyModel.from_function(lambda n: 1.0))
     from test_lossless import FixedTreeDrafter
 
     want = hf_greedy(target, ids, 20)
@@ -219,7 +220,7 @@ def test_budgets_fit_the_padded_buckets(monkeypatch):
     out = specdec.generate(static, ids, drafter=drafter, max_new_tokens=20, adaptive=ctl)
     assert torch.equal(out.sequences, want)
     assert out.stats.budgets[:3] == [7, 7, 7]  # warm-up plays the largest arm, 8 nodes -> 7 (bucket 8)
-    assert (ctl._state(ctl._arms_key(drafter_key(drafter))).S > 0).all()  # ... and that step counts for arm 8 too
+    assert (ctl._state(drafter_key(drafter)).S > 0).all()  # ... and that step counts for arm 8 too
 
     sizes = []
     monkeypatch.setattr(LatencyModel, "measure", classmethod(  # record the grid instead of timing
@@ -266,7 +267,7 @@ def test_graph_replays_at_other_prefix_lengths_cuda(name):
             assert_close(b.cpu(), a.cpu(), 1e-4)
             keep = torch.tensor(path_to(parents, n - 1), device="cuda")
             for r in (ref, graphed):
-                r.keep(prefix, keep)
+                r.commit(prefix, keep)
             step = torch.randint(0, V, (1,), generator=g).cuda()
             at = torch.tensor([prefix + len(keep)], device="cuda")
             assert_close(graphed.forward(step, at).cpu(), ref.forward(step, at).cpu(), 1e-4)
@@ -329,10 +330,7 @@ def test_capture_of_a_host_sync_falls_back_cuda():
 def test_bench_step_latency_cpu_smoke(tmp_path):
     """The step-latency benchmark's debug mode: tiny shape on CPU, JSON + Markdown written."""
     import json
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks import bench_step_latency as bench
 
     if not HAS_CUDA:

@@ -24,7 +24,7 @@ def test_padded_forward_equals_unpadded(family, m, masked, monkeypatch):
         pos = torch.tensor([12, 13, 13])[:m] if masked else torch.arange(12, 12 + m)
         logits = r.forward(ids[12:12 + m], pos, tree_mask=mask)
         assert r.length == 12 + m and r.key_pos.tolist() == list(range(12)) + pos.tolist()
-        r.keep(12, torch.tensor([0]))
+        r.commit(12, torch.tensor([0]))
         nxt = r.forward(ids[15:16], torch.tensor([13]))  # the cache after keep is the same too
         return logits, nxt, [layer.keys.clone() for layer in r.cache.layers]
 

@@ -1,9 +1,10 @@
-"""The repository root must not shadow what specdec's dependencies import.
-
-Anything run from the root (``python -m pytest``, ``python -m benchmarks...``) has the root
-on ``sys.path`` first, so a top-level folder named like an installed package replaces it:
-a top-level ``kernels/`` broke ``import transformers`` once transformers (5.25) started to
-import Hugging Face's ``kernels`` package."""
+"""Layout rules. The repository root must not shadow what specdec's dependencies import:
+anything run from the root (``python -m pytest``, ``python -m benchmarks.run``,
+``python -m tools...``) has the root on ``sys.path`` first, so a top-level folder named
+like an installed package replaces it: a top-level ``kernels/`` broke ``import
+transformers`` once transformers (5.25) started to import Hugging Face's ``kernels``
+package. And tests import the benchmark modules as a package, not through ``sys.path``."""
+import re
 import subprocess
 import sys
 from importlib import metadata
@@ -38,3 +39,12 @@ def test_transformers_imports_from_the_repository_root():
     code = "import transformers.activations, specdec; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_tests_import_scripts_as_packages():
+    """Tests import ``benchmarks.<module>`` as a package (the root is on ``sys.path`` under
+    ``python -m pytest``), never a script through a ``sys.path`` insert."""
+    pattern = re.compile(r"sys\.path\s*(\.\s*(insert|append|extend)\b|\+?=)")
+    hacks = [f"{f.name}:{i}" for f in sorted((ROOT / "tests").rglob("*.py"))
+             for i, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not hacks, f"sys.path changed in {hacks}: import benchmarks.<module> instead"

@@ -13,7 +13,7 @@ import torch
 import specdec
 from specdec import drafters
 from specdec.backends.cuda_graphs import GraphedCompactRunner
-from specdec.generate import _RUNNERS
+from specdec.backends.select import KEPT_RUNNERS as _RUNNERS
 from conftest import hf_greedy, skip_without_smollm2
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

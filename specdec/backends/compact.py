@@ -8,11 +8,12 @@ from __future__ import annotations
 import torch
 
 from ..models import CompactModel, load_compact
+from .base import Runner
 
 DEFAULT_MAX_LENGTH = 4096  # cache capacity when the caller gives none (capped by the model)
 
 
-class CompactRunner:
+class CompactRunner(Runner):
     def __init__(self, model: CompactModel, *, max_length: int | None = None):
         """``max_length``: cache capacity in tokens (prompt + generated + one draft tree);
         defaults to min(model context, DEFAULT_MAX_LENGTH)."""
@@ -59,7 +60,7 @@ class CompactRunner:
         logits = self.model(ids, pos, self.cache, tree_mask=tree_mask, mask_start=mask_start)
         return logits.float()  # [m, vocab]
 
-    def keep(self, start: int, keep_idx: torch.Tensor) -> None:
+    def commit(self, start: int, keep_idx: torch.Tensor) -> None:
         """Keep cache entries [0, start) plus start + keep_idx ([a] int64, increasing)."""
         self.cache.keep(start, keep_idx)
 

@@ -41,6 +41,7 @@ import torch
 from ..ops import backend
 from ..ops.attention import pack_tree_mask
 from .compact import CompactRunner
+from .base import Runner
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 MODES = ("graph", "static", "eager")  # captured graphs / the padded static forward, uncaptured / plain runner
@@ -75,7 +76,7 @@ class _Bucket:
         self.out: torch.Tensor | None = None  # [B, vocab] fp32, written by every replay
 
 
-class GraphedCompactRunner:
+class GraphedCompactRunner(Runner):
     """The Runner protocol on a ``CompactRunner``, with its forward replayed from CUDA
     graphs captured per tree-size bucket (see the module docstring).
 
@@ -135,8 +136,8 @@ class GraphedCompactRunner:
     def reset(self) -> None:
         self.runner.reset()
 
-    def keep(self, start: int, keep_idx: torch.Tensor) -> None:
-        self.runner.keep(start, keep_idx)
+    def commit(self, start: int, keep_idx: torch.Tensor) -> None:
+        self.runner.commit(start, keep_idx)
 
     def crop(self, length: int) -> None:
         self.runner.crop(length)

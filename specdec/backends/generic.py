@@ -16,6 +16,7 @@ import time
 
 import torch
 from transformers import DynamicCache
+from .base import Runner
 
 log = logging.getLogger("specdec")
 
@@ -66,7 +67,7 @@ def context_length(model) -> int:
     return 1 << 30
 
 
-class HFRunner:
+class HFRunner(Runner):
     """A transformers model plus its own KV cache (batch 1). Implements ``Runner``."""
 
     def __init__(self, model):
@@ -196,7 +197,7 @@ class HFRunner:
         self.crop(length + m)
         return logits[:m]
 
-    def keep(self, start: int, keep_idx: torch.Tensor) -> None:
+    def commit(self, start: int, keep_idx: torch.Tensor) -> None:
         """Keep the cache entries [0, start) and start + keep_idx (ascending), in place:
         only the kept tree rows move (rebuilding the whole cache would copy O(length)
         per step); a prefix (plain decoding, a fully accepted chain) is a crop."""

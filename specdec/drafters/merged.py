@@ -32,10 +32,6 @@ class MergedDrafter:
             raise ValueError(f"merged drafters' draft models are on different devices: {sorted(model_devices)}")
         self.draft_device = torch.device(model_devices.pop()) if model_devices else None
 
-    @property
-    def learns_from_tree(self) -> bool:
-        return any(getattr(d, "learns_from_tree", False) for d in self.drafters)
-
     def reset(self, prompt: torch.Tensor) -> None:
         for d in self.drafters:
             d.reset(prompt)

@@ -4,10 +4,12 @@ from __future__ import annotations
 import torch
 
 from ..adaptive import drafter_key
+from ..backends.base import Runner
 from ..backends.generic import HFRunner
 from ..sampling import apply_penalties, probs_from_logits
 from ..tree import ROOT, TokenTree
 from .base import DraftRequest, VerifyResult
+from .shaping import AcceptanceCalibrator, ChainStopper, dynamic_tree_builder
 
 
 class ModelDrafter:
@@ -24,9 +26,10 @@ class ModelDrafter:
     committed tokens, so accepted drafts keep their K/V.
     ``threshold`` (chain only): stop drafting once the draft's top-1 probability falls
     below it (that token is not proposed), as in Kangaroo / adaptive draft lengths.
-    ``controller`` (a ``specdec.adaptive.BudgetController``): the chain stops by its
-    calibrated SpecDec++ rule, and trees grow by calibrated acceptance estimates
-    (``DynamicTreeBuilder``); ``generate`` then also lets it pick each step's budget.
+    ``controller`` (a ``specdec.adaptive.BudgetController``): the chain stops by the
+    calibrated SpecDec++ rule priced by its costs, and trees grow by calibrated acceptance
+    estimates (``specdec.drafters.shaping``); ``generate`` then also lets it pick each
+    step's budget. The drafter's own ``calibrator`` learns from every verified tree.
     Chain nodes carry ``scores`` (cumulative draft probability) for calibration.
     """
 
@@ -34,11 +37,11 @@ class ModelDrafter:
                  threshold: float = 0.0, controller=None):
         if gamma < 1 or topk < 1:
             raise ValueError("ModelDrafter: gamma and topk must be >= 1")
-        self.runner = model if hasattr(model, "keep") and hasattr(model, "forward") and not \
-            isinstance(model, torch.nn.Module) else HFRunner(model)
+        self.runner = model if isinstance(model, Runner) else HFRunner(model)
         self.gamma, self.topk = gamma, topk
         self.threshold = float(threshold)
         self.controller = controller
+        self.calibrator = AcceptanceCalibrator("prob")  # P(accepted | parent accepted) from draft probs
         self.width = width or topk * 2
         self.vocab_size = self.runner.vocab_size
         self.device = self.runner.device
@@ -93,7 +96,7 @@ class ModelDrafter:
     def _chain(self, logits, depth, request, counts) -> TokenTree:
         drafted, rows, scores = [], [], []
         base = len(self._fed)
-        stopper = self.controller.chain_stopper(drafter_key(self)) if self.controller is not None else None
+        stopper = None if self.controller is None else ChainStopper(self.controller, drafter_key(self), self.calibrator)
         for i in range(depth):
             q = self._probs(logits, request, counts)
             if self.threshold > 0 and float(q.max()) < self.threshold:
@@ -159,7 +162,7 @@ class ModelDrafter:
                          scores=torch.tensor(scores))
 
     def _dynamic_tree(self, root_logits, depth, request) -> TokenTree:
-        """Best-first by calibrated acceptance (the controller's DynamicTreeBuilder); one
+        """Best-first by calibrated acceptance (``shaping.DynamicTreeBuilder``); one
         draft forward per level over the expanded nodes; the scratch K/V is dropped."""
         start, fed, dev = self.runner.length, [], self.device  # fed: builder nodes in scratch, in order
 
@@ -171,11 +174,14 @@ class ModelDrafter:
             fed.extend(nodes)
             return torch.softmax(logits[:, :self.vocab_size].float(), -1)
 
-        builder = self.controller.tree_builder(drafter_key(self), max_nodes=request.budget.max_nodes,
-                                               max_depth=depth, topk=self.topk, width=self.width)
+        builder = dynamic_tree_builder(self.controller, drafter_key(self), self.calibrator,
+                                       max_nodes=request.budget.max_nodes, max_depth=depth, topk=self.topk,
+                                       width=self.width)
         tree = builder.build(torch.softmax(root_logits[:self.vocab_size].float(), -1), expand)
         self.runner.crop(start)
         return tree
 
     def update(self, result: VerifyResult) -> None:
-        pass  # the next propose() rolls the cache back to the shared prefix
+        # (the next propose() rolls the cache back to the shared prefix)
+        if self.controller is not None:
+            self.calibrator.observe(result.tree, result.accepted_nodes)

@@ -275,10 +275,6 @@ class RecyclingDrafter:
         """tokens [T], logits [T, vocab] (row t = the target after tokens[t]): recycle a prefill."""
         recycling_update(self.adj, tokens.to(self.device).long(), self._topk(logits))
 
-    # Every verified node, rejected ones too, refreshes a row: the drafter's state follows the
-    # budgets played (a smaller budget's tree cut from a bigger one's is not what it drafts).
-    learns_from_tree = True
-
     @property
     def target_topk_wanted(self) -> int:
         """The k of the target's top-k that ``update`` reads."""

@@ -1,0 +1,67 @@
+"""Which Runner drives a model: chosen once per call, compact runners kept per model."""
+from __future__ import annotations
+
+import sys
+import weakref
+
+import torch
+
+from .base import Runner
+from .generic import HFRunner
+
+BACKENDS = ("auto", "generic", "compact", "graphs")
+# compact runners kept per model, so CUDA graphs and the static cache outlive one call
+KEPT_RUNNERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+_FALLBACKS: set[str] = set()
+
+
+def as_runner(model, backend: str, capacity: int) -> Runner:
+    """A Runner for ``model`` with room for ``capacity`` positions.
+
+    "auto": on CUDA the compact static-cache runtime replayed from CUDA graphs ("graphs")
+    when the architecture is supported, else the generic transformers backend (one log line
+    says why); on CPU the generic backend. "compact": the compact runtime, eager. "graphs":
+    the compact runtime from CUDA graphs. "generic": transformers' own forward."""
+    if isinstance(model, Runner):
+        return model
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"expected a transformers causal LM or a specdec Runner, got {type(model).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    param = next(model.parameters())
+    requested = backend
+    if backend == "auto":
+        backend = "graphs" if param.device.type == "cuda" else "generic"
+    if backend == "generic":
+        return HFRunner(model)
+    kept = KEPT_RUNNERS.setdefault(model, {})
+    key = (backend, param.device, param.dtype)
+    runner = kept.get(key)
+    if runner is None or runner.max_length < min(capacity, runner.model.max_position_embeddings):
+        from ..models import unsupported_reason
+        from .compact import DEFAULT_MAX_LENGTH, CompactRunner
+
+        compact = CompactRunner.from_hf(model, max_length=max(capacity, DEFAULT_MAX_LENGTH))
+        if compact is None:
+            reason = unsupported_reason(model)
+            if requested != "auto":
+                raise ValueError(f"backend={backend!r} does not support this model: {reason}; "
+                                 "use backend='generic'")
+            _note_fallback(model, reason)
+            return HFRunner(model)
+        if backend == "graphs":
+            from .cuda_graphs import GraphedCompactRunner
+
+            runner = GraphedCompactRunner(compact)
+        else:
+            runner = compact
+        kept.clear()  # one static cache per model at a time
+        kept[key] = runner
+    return runner
+
+
+def _note_fallback(model, reason: str) -> None:
+    name = type(model).__name__
+    if name not in _FALLBACKS:
+        _FALLBACKS.add(name)
+        print(f"specdec: {name} runs on the generic transformers backend ({reason})", file=sys.stderr, flush=True)

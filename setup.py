@@ -1,8 +1,7 @@
 """Build specdec and its native extension ``specdec._C`` (pybind11, built by CMake).
 
-The extension is optional at run time: without it specdec falls back to pure
-PyTorch/Python with one warning. CUDA ops (``specdec._C_cuda``) are built only when
-a CUDA-enabled torch and nvcc are present (install with --no-build-isolation).
+The extension (the n-gram index) is optional at run time: without it specdec falls back
+to pure Python with one warning. Device code is Triton, compiled at run time.
 Set SPECDEC_NO_EXT=1 to skip native code entirely.
 """
 import os
@@ -24,7 +23,7 @@ class CMakeExtension(Extension):
 
 
 class CMakeBuild(build_ext):
-    """Build CMake extensions with cmake; others (CUDA) the setuptools way."""
+    """Build CMake extensions with cmake; others the setuptools way."""
 
     def build_extension(self, ext):
         if not isinstance(ext, CMakeExtension):
@@ -49,50 +48,12 @@ class CMakeBuild(build_ext):
 def native_extensions():
     if os.environ.get("SPECDEC_NO_EXT") == "1":
         return []
-    exts = []
     if shutil.which("cmake"):
-        exts.append(CMakeExtension("specdec._C", ROOT))
-    else:  # no cmake: same sources, plain setuptools
-        from pybind11.setup_helpers import Pybind11Extension
+        return [CMakeExtension("specdec._C", ROOT)]
+    from pybind11.setup_helpers import Pybind11Extension  # no cmake: same sources, plain setuptools
 
-        exts.append(Pybind11Extension("specdec._C", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp")
-                                                            if p.name != "cuda_bindings.cpp"),
-                                      cxx_std=17, include_dirs=["csrc"]))
-    exts += cuda_extensions()
-    return exts
-
-
-def cuda_extensions():
-    """CUDA ops, only with a CUDA torch + nvcc (SPECDEC_CUDA=0 turns them off)."""
-    if os.environ.get("SPECDEC_CUDA") == "0":
-        return []
-    try:
-        import torch
-        from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
-    except Exception:
-        return []
-    if torch.version.cuda is None or CUDA_HOME is None or not (ROOT / "csrc" / "cuda").exists():
-        return []
-    sources = sorted(str(p.relative_to(ROOT)) for ext in ("*.cu", "*.cpp") for p in (ROOT / "csrc" / "cuda").glob(ext))
-    arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0")
-    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
-    return [CUDAExtension("specdec._C_cuda", sources, include_dirs=[str(ROOT / "csrc")],
-                          extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]})]
-
-
-def build_ext_class():
-    try:
-        from torch.utils.cpp_extension import BuildExtension
-    except Exception:
-        return CMakeBuild
-
-    class Build(BuildExtension, CMakeBuild):  # BuildExtension for CUDA, CMake for _C
-        def build_extension(self, ext):
-            if isinstance(ext, CMakeExtension):
-                return CMakeBuild.build_extension(self, ext)
-            return BuildExtension.build_extension(self, ext)
-
-    return Build
+    return [Pybind11Extension("specdec._C", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp")),
+                              cxx_std=17, include_dirs=["csrc"])]
 
 
 setup(
@@ -107,7 +68,7 @@ setup(
     install_requires=["torch>=2.4", "transformers>=4.56", "numpy"],
     extras_require={"triton": ["triton"], "gguf": ["gguf"], "test": ["pytest"]},
     ext_modules=native_extensions(),
-    cmdclass={"build_ext": build_ext_class()},
+    cmdclass={"build_ext": CMakeBuild},
     entry_points={"console_scripts": ["specdec=specdec.cli:main"]},
     zip_safe=False,
 )

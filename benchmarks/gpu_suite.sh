@@ -6,7 +6,7 @@
 #     benchmarks/gpu_suite.sh OUT realtests real-fp32 real-bf16
 #   SPECDEC_GEMMA_GGUF=/path/gemma-3-270m-q4_k_m.gguf benchmarks/gpu_suite.sh OUT gemma-bf16 gemma-t07
 #
-# build      pip install -e . (CPU extension + CUDA ops for sm_90) and import checks
+# build      pip install -e . (the native extension) and import checks
 # tests      every test marked `gpu` except the real-model ones
 # latency    benchmarks.bench_step_latency (random-weight SmolLM2 and Llama-3-8B shapes)
 # latency-unfused  the same without the fused RMSNorm / RoPE kernels (SPECDEC_FUSED_KERNELS=0)

@@ -3,14 +3,11 @@
 #include <pybind11/stl.h>
 
 #include "ngram_index.h"
-#include "tree_ops.h"
 
 namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "specdec native CPU ops";
-  m.def("greedy_accept", &specdec::greedy_accept, py::arg("parents"), py::arg("tokens"), py::arg("argmax"),
-        "Accepted path (node indices) of a token tree under greedy verification.");
   // NgramIndex (csrc/ngram_index.h); reference: specdec/drafters/ngram_index.py
   using specdec::NgramIndex;
   py::class_<NgramIndex>(m, "NgramIndex", "Bounded n-gram -> continuation pool (see csrc/ngram_index.h).")

@@ -222,7 +222,7 @@ def _step(runner: Runner, drafter: Drafter, history: _History, plan: BudgetPlan,
         acc = accept_sampling(tree, torch.softmax(processed, -1), generator)
     else:
         acc = accept_greedy(tree, processed)
-    runner.commit(start, torch.tensor([0] + [i + 1 for i in acc.accepted_nodes], device=device))
+    runner.commit(start, torch.tensor([0] + [i + 1 for i in acc.accepted_nodes]))  # (host: a prefix moves nothing)
     drafted = tree.tokens.tolist()
     new, stop = _truncate([drafted[i] for i in acc.accepted_nodes] + [acc.bonus_token], eos, remaining)
     return StepResult(tree, budget, acc.accepted_nodes, new, stop, logits, draft_s=t1 - t0,

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import SamplingParams
-from .ops import greedy_accept
-from .ops.accept import greedy_accept_device, tree_rejection_sample, tree_uniforms
+from .ops.accept import greedy_accept, tree_rejection_sample, tree_uniforms
 from .tree import TokenTree
 
 
@@ -104,22 +103,18 @@ NAN_MESSAGE = ("the model produced NaN logits; check the weights and dtype "
 def accept_greedy(tree: TokenTree, processed_logits: torch.Tensor) -> Acceptance:
     """processed_logits [n + 1, vocab]: longest path matching the argmax, plus bonus.
 
-    On CUDA the path is chosen on the device (``ops.greedy_accept_device``); on CPU by
-    the native host op. Either way one transfer brings the result back."""
-    dev = processed_logits.device
+    The argmax row and a NaN flag come to the host in one transfer; the path is chosen
+    there (``ops.greedy_accept``, on every device)."""
     argmax = processed_logits.argmax(dim=-1)  # [n + 1]
     # argmax propagates NaN (a row holding one picks it), so checking the picked values
     # finds every NaN row without a second pass over the logits
     bad = torch.isnan(processed_logits.gather(-1, argmax[:, None])).any()
-    if dev.type == "cuda" and len(tree):
-        path, num, bonus = greedy_accept_device(tree.parents.to(dev), tree.tokens.to(dev), argmax)
-        return _read_back(path, num, bonus, bad)
-    packed = torch.cat([bad.view(1).long(), argmax]).cpu()
+    packed = torch.cat([bad.view(1).long(), argmax]).tolist()
     if packed[0]:
         raise FloatingPointError(NAN_MESSAGE)
     argmax = packed[1:]
-    path = greedy_accept(tree.parents.cpu(), tree.tokens.cpu(), argmax) if len(tree) else []
-    return Acceptance(path, int(argmax[path[-1] + 1 if path else 0]))
+    path = greedy_accept(tree.parents.tolist(), tree.tokens.tolist(), argmax) if len(tree) else []
+    return Acceptance(path, argmax[path[-1] + 1 if path else 0])
 
 
 def accept_sampling(tree: TokenTree, target_probs: torch.Tensor,

@@ -1,9 +1,8 @@
-"""Verify-step device ops: KV compaction, greedy acceptance, tree rejection sampling.
+"""Verify-step ops: KV compaction, greedy acceptance, tree rejection sampling.
 
 Without CUDA the Triton kernels run under TRITON_INTERPRET=1 on CPU tensors; with CUDA
-they run compiled, and the CUDA-op tests (marked gpu) run too. Every kernel is checked
-against its torch reference; the sampler's reference is checked against the target
-distribution.
+they run compiled (and the graph-capture test, marked gpu, runs too). Every kernel is
+checked against its reference; the sampler's reference against the target distribution.
 """
 import os
 
@@ -17,10 +16,9 @@ import random  # noqa: E402
 import pytest  # noqa: E402
 
 from specdec.ops import backend  # noqa: E402
-from specdec.ops.accept import (greedy_accept_device, greedy_accept_device_ref,  # noqa: E402
-                                tree_rejection_sample, tree_rejection_sample_ref, tree_uniforms)
-from specdec.ops.kv import compact_kv, compact_kv_ref, register_fakes  # noqa: E402
-from specdec.ops.tree_ops import greedy_accept_ref  # noqa: E402
+from specdec.ops.accept import (greedy_accept, tree_rejection_sample, tree_rejection_sample_ref,  # noqa: E402
+                                tree_uniforms)
+from specdec.ops.kv import compact_kv, compact_kv_ref  # noqa: E402
 from conftest import triton_kernels_on_cpu  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -37,19 +35,9 @@ def _triton_on_cpu():
         yield
 
 
-def _cuda_op_available() -> bool:
-    return HAS_CUDA and backend.cuda_native() is not None
-
-
-needs_cuda_op = pytest.mark.skipif(not _cuda_op_available(), reason="needs CUDA and specdec._C_cuda")
-
-# Backends under test: "triton" forces the Triton kernel; "cuda" the C++ op (GPU only).
-BACKENDS = [pytest.param("triton", marks=needs_triton),
-            pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda_op])]
-
-
-def _forced(name):
-    return backend.override(cuda_native=False, triton=True) if name == "triton" else backend.override()
+def _kernel():
+    """Dispatch to the Triton kernel (CPU tensors included, through the interpreter)."""
+    return backend.override(triton=True)
 
 
 # ------------------------------------------------------------------ KV compaction
@@ -68,11 +56,11 @@ def _cache(L, H, S, D, dtype, device, gen):
     return (torch.randn(L, H, S, D, generator=gen) * 10).to(dtype).to(device)
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
+@needs_triton
 @pytest.mark.parametrize("case", COMPACT_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("start_kind", ["int", "tensor"])
-def test_compact_kv_matches_ref(backend_name, case, dtype, start_kind):
+def test_compact_kv_matches_ref(case, dtype, start_kind):
     L, H, S, D, start, n, acc = case
     gen = torch.Generator().manual_seed(len(acc) * 7 + D)
     k, v = _cache(L, H, S, D, dtype, DEV, gen), _cache(L, H, S, D, dtype, DEV, gen)
@@ -82,7 +70,7 @@ def test_compact_kv_matches_ref(backend_name, case, dtype, start_kind):
     k_ref, v_ref = k.clone(), v.clone()
     compact_kv_ref(k_ref, v_ref, idx, num, start=start)
     st = start if start_kind == "int" else torch.tensor(start, device=DEV)
-    with _forced(backend_name):
+    with _kernel():
         compact_kv(k, v, idx, num, start=st)
     assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
     # semantics, spelled out: row start + acc[j] moved to start + j; the rest untouched
@@ -93,8 +81,8 @@ def test_compact_kv_matches_ref(backend_name, case, dtype, start_kind):
     assert torch.equal(k[:, :, :start], k0[:, :, :start])
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
-def test_compact_kv_layouts(backend_name):
+@needs_triton
+def test_compact_kv_layouts():
     """Non-contiguous caches (a head-strided view), a single layer [H, S, D], lists of
     layers, and num_accepted=None (all of accepted_idx)."""
     gen = torch.Generator().manual_seed(0)
@@ -103,7 +91,7 @@ def test_compact_kv_layouts(backend_name):
     idx = torch.tensor([2, 3, 6], device=DEV)
     k_ref, v_ref = k.clone(), v.clone()
     compact_kv_ref(k_ref, v_ref, idx, start=10)
-    with _forced(backend_name):
+    with _kernel():
         compact_kv(k, v, idx, start=10)
         assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
         one_k, one_v = k_ref[0].clone(), v_ref[0].clone()
@@ -143,60 +131,44 @@ def _depths(parents):
     return d
 
 
-def _check_greedy(fn, parents, tokens, argmax, max_depth=None):
-    n = len(parents)
-    md = n if max_depth is None else max_depth
-    pruned = [t if dep <= md else -1 for t, dep in zip(tokens, _depths(parents))]  # too deep: never accepted
-    expect = greedy_accept_ref(parents, pruned, argmax)
-    t = lambda x: torch.tensor(x, dtype=torch.long, device=DEV)  # noqa: E731
-    path, num, bonus = fn(t(parents), t(tokens), t(argmax), max_depth=max_depth)
-    assert path.shape == (md,) and path.dtype == torch.long
-    assert num.item() == len(expect) and path[: len(expect)].tolist() == expect
-    assert (path[len(expect):] == -1).all()
-    assert bonus.item() == argmax[expect[-1] + 1 if expect else 0]
+def test_greedy_accept_semantics():
+    """The deepest matching path; ties to the lower node index; max_depth prunes."""
+    #         node: 0   1   2   3   4   5
+    parents = [-1, -1, 0, 1, 2, 3]
+    tokens = [7, 8, 1, 1, 2, 2]
+    argmax = [8, 1, 1, 1, 2, 9, 0]  # row p + 1 is the argmax after node p: 8 (node 1), 1 (node 3), 2 (node 5)
+    assert greedy_accept(parents, tokens, argmax) == [1, 3, 5]
+    assert greedy_accept(parents, tokens, argmax, 2) == [1, 3]
+    assert greedy_accept(parents, tokens, argmax, 0) == []
+    assert greedy_accept([-1, -1], [4, 4], [4, 0, 0]) == [0]  # a tie: the lower index
+    assert greedy_accept([], [], [3]) == []
+    with pytest.raises(ValueError):
+        greedy_accept([0], [1], [1, 1])  # a parent must precede its child
+    with pytest.raises(ValueError):
+        greedy_accept([-1], [1], [1])
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_greedy_accept_device_ref_matches_host_ref(seed):
+def test_greedy_accept_random_trees(seed):
+    """Every accepted token equals the argmax at its parent, no matching path is deeper,
+    and max_depth is the same as making the too-deep nodes unmatchable."""
     rng = random.Random(seed)
     for _ in range(40):
-        n = rng.choice([0, 1, 2, 7, 19, 40])
+        n = rng.choice([0, 1, 2, 7, 19, 40, 129])
         parents, tokens, argmax = _random_tree(rng, n, vocab=rng.choice([2, 3]), branchy=rng.random() < 0.5)
-        _check_greedy(greedy_accept_device_ref, parents, tokens, argmax,
-                      max_depth=rng.choice([None, None, 0, 1, 3]))
-
-
-@pytest.mark.parametrize("backend_name", BACKENDS)
-@pytest.mark.parametrize("seed", range(3))
-def test_greedy_accept_kernel_matches_host_ref(backend_name, seed):
-    rng = random.Random(100 + seed)
-    with _forced(backend_name):
-        for _ in range(12):
-            n = rng.choice([0, 1, 5, 17, 33, 70])
-            parents, tokens, argmax = _random_tree(rng, n, vocab=rng.choice([2, 3]), branchy=rng.random() < 0.5)
-            _check_greedy(greedy_accept_device, parents, tokens, argmax,
-                          max_depth=rng.choice([None, None, 0, 2, 4]))
-
-
-@pytest.mark.parametrize("backend_name", BACKENDS)
-def test_greedy_accept_batched(backend_name):
-    rng = random.Random(7)
-    B, n = 5, 23
-    trees = [_random_tree(rng, n, 2, branchy=False) for _ in range(B)]
-    par = torch.tensor([t[0] for t in trees], device=DEV)
-    tok = torch.tensor([t[1] for t in trees], device=DEV)
-    am = torch.tensor([t[2] for t in trees], device=DEV)
-    ref = greedy_accept_device_ref(par, tok, am, max_depth=6)
-    with _forced(backend_name):
-        got = greedy_accept_device(par, tok, am, max_depth=6)
-        shared = greedy_accept_device(par[0], tok, am, max_depth=6)  # one tree shape for all rows
-    ref_shared = greedy_accept_device_ref(par[0], tok, am, max_depth=6)
-    for a, b in zip(ref, got):
-        assert torch.equal(a, b)
-    for a, b in zip(ref_shared, shared):
-        assert torch.equal(a, b)
-    for b in range(B):
-        _check_greedy(greedy_accept_device_ref, *trees[b], max_depth=6)
+        path = greedy_accept(parents, tokens, argmax)
+        prev = -1
+        for v in path:
+            assert parents[v] == prev and tokens[v] == argmax[prev + 1]
+            prev = v
+        depths = _depths(parents)
+        ok = []
+        for i, p in enumerate(parents):
+            ok.append(tokens[i] == argmax[p + 1] and (p < 0 or ok[p]))
+        assert len(path) == max([d for d, good in zip(depths, ok) if good], default=0)
+        md = rng.choice([0, 1, 3])
+        pruned = [t if d <= md else -1 for t, d in zip(tokens, depths)]
+        assert greedy_accept(parents, tokens, argmax, md) == greedy_accept(parents, pruned, argmax)
 
 
 # -------------------------------------------------------------- rejection sampler
@@ -232,7 +204,7 @@ def test_tree_rejection_kernel_matches_ref(with_draft, n, V):
         inputs = _sampler_inputs(rng, gen, B, n, V, with_draft, shared_tree=trial == 0)
         max_depth = [None, 2, n + 3][trial]
         ref = tree_rejection_sample_ref(*inputs, max_depth=max_depth)
-        with backend.override(cuda_native=False, triton=True):
+        with _kernel():
             got = tree_rejection_sample(*inputs, max_depth=max_depth)
         for a, b in zip(ref, got):
             assert torch.equal(a.cpu(), b.cpu()), (trial, ref, got)
@@ -253,7 +225,7 @@ def test_tree_rejection_unbatched_and_deep_acceptance():
     u = tree_uniforms(n, generator=gen)
     args = [x.to(DEV) for x in (parents, tokens, probs, u, probs[:n])]
     ref = tree_rejection_sample_ref(*args)
-    with backend.override(cuda_native=False, triton=True):
+    with _kernel():
         got = tree_rejection_sample(*args)
     assert ref[1].item() == n and ref[0].tolist() == list(range(n))
     for a, b in zip(ref, got):
@@ -281,9 +253,9 @@ def test_tree_rejection_one_hot_target_is_greedy(use_kernel):
         target = torch.nn.functional.one_hot(torch.tensor(argmax), V).float()
         u = tree_uniforms(n, generator=torch.Generator().manual_seed(rng.randrange(1 << 30)))
         args = [torch.tensor(parents, device=DEV), torch.tensor(tokens, device=DEV), target.to(DEV), u.to(DEV)]
-        with backend.override(cuda_native=False, triton=use_kernel):
+        with backend.override(triton=use_kernel):
             path, num, bonus = (tree_rejection_sample if use_kernel else tree_rejection_sample_ref)(*args)
-        expect = greedy_accept_ref(parents, tokens, argmax)
+        expect = greedy_accept(parents, tokens, argmax)
         assert path[: num.item()].tolist() == expect and (path[num.item():] == -1).all()
         assert bonus.item() == argmax[expect[-1] + 1 if expect else 0]
 
@@ -379,51 +351,24 @@ def test_tree_rejection_ref_one_hot_proposals_lossless(with_draft):
 
 # ------------------------------------------------------------------ GPU-only extras
 @pytest.mark.gpu
-@needs_cuda_op
-def test_cuda_ops_large_and_graph_capture():
-    """Realistic cache (bf16, 32 layers x 8 heads x 128) and CUDA-graph capture of the
-    verify tail: greedy accept -> compact KV, no host sync."""
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_compact_kv_in_a_cuda_graph():
+    """Realistic cache (bf16, 32 layers x 8 heads x 128), captured in a CUDA graph with the
+    accepted count and the start on the device (no host sync), replayed."""
     L, H, S, D = 32, 8, 1024, 128
     k = torch.randn(L, H, S, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    n, start = 16, 300
-    parents = torch.tensor([-1, 0, 1, 2, 0, 4, -1, 6, 3, 8, 9, 10, 11, 12, 13, 14], device="cuda")
-    tokens = torch.randint(0, 3, (n,), device="cuda")
-    argmax = torch.randint(0, 3, (n + 1,), device="cuda")
+    idx = torch.tensor([0, 3, 8, 9, 15, 15], device="cuda")  # padded past num
+    num, start = torch.tensor(5, device="cuda"), torch.tensor(300, device="cuda")
     k_ref, v_ref = k.clone(), v.clone()
-    path_ref, num_ref, _ = greedy_accept_device_ref(parents, tokens, argmax)
-    compact_kv_ref(k_ref, v_ref, path_ref, num_ref, start=start)
-    start_t = torch.tensor(start, device="cuda")
-    graph = torch.cuda.CUDAGraph()
+    compact_kv_ref(k_ref, v_ref, idx, 5, start=300)
     k_g, v_g = k.clone(), v.clone()
+    graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize()
     with torch.cuda.graph(graph):
-        path, num, bonus = greedy_accept_device(parents, tokens, argmax)
-        compact_kv(k_g, v_g, path, num, start=start_t)
+        compact_kv(k_g, v_g, idx, num, start=start)
     k_g.copy_(k)
     v_g.copy_(v)
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(path, path_ref) and torch.equal(num, num_ref)
     assert torch.equal(k_g, k_ref) and torch.equal(v_g, v_ref)
-
-
-@pytest.mark.gpu
-@needs_cuda_op
-def test_cuda_ops_under_torch_compile():
-    k = torch.randn(2, 2, 32, 8, device="cuda")
-    v = torch.randn_like(k)
-    idx = torch.tensor([1, 4, 5], device="cuda")
-    num = torch.tensor(2, device="cuda")
-    k_ref, v_ref = k.clone(), v.clone()
-    compact_kv_ref(k_ref, v_ref, idx, num, start=3)
-
-    register_fakes()
-
-    @torch.compile(fullgraph=True)
-    def step(k, v, idx, num):
-        torch.ops.specdec.compact_kv(k, v, idx, num.reshape(1), None, 3)
-        return k.sum()
-
-    step(k, v, idx, num)
-    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)

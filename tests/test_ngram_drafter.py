@@ -6,7 +6,7 @@ from specdec.config import SamplingParams, TreeBudget
 from specdec.drafters.base import DraftRequest, Drafter, VerifyResult
 from specdec.drafters.ngram import NgramDrafter
 from specdec.ops.ngram import has_native_ngram_index
-from specdec.ops.tree_ops import greedy_accept_ref
+from specdec.ops import greedy_accept
 from specdec.tree import TokenTree
 
 T = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
@@ -179,7 +179,7 @@ def test_toy_greedy_loop_is_lossless_and_accepts(native):
         rows = [logits_after(tokens)] + [
             logits_after(tokens + [int(tree.tokens[j]) for j in tree.path_to(i)]) for i in range(len(tree))]
         logits = torch.stack(rows)  # [n + 1, vocab]
-        accepted = greedy_accept_ref(tree.parents.tolist(), tree.tokens.tolist(), logits.argmax(-1).tolist())
+        accepted = greedy_accept(tree.parents.tolist(), tree.tokens.tolist(), logits.argmax(-1).tolist())
         res = _verify(tree, accepted, logits, tokens)
         d.update(res)
         tokens = res.tokens.tolist()

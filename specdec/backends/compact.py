@@ -62,7 +62,7 @@ class CompactRunner(Runner):
 
     def commit(self, start: int, keep_idx: torch.Tensor) -> None:
         """Keep cache entries [0, start) plus start + keep_idx ([a] int64, increasing)."""
-        self.cache.keep(start, keep_idx)
+        self.cache.commit(start, keep_idx)
 
     def crop(self, length: int) -> None:
         self.cache.crop(length)

@@ -88,11 +88,6 @@ class NgramDrafter:
             self.index.insert_next((base + path)[-self.max_order:], nxt)
 
     @property
-    def learns_from_tree(self) -> bool:
-        """Whether ``update`` learns from every tree node (so the state follows the budgets played)."""
-        return self.use_target_topk and self.topk > 0 and self.topk_all_nodes
-
-    @property
     def target_topk_wanted(self) -> int:
         """The k of the target's top-k that ``update`` reads (0: none)."""
         return self.topk if self.use_target_topk else 0

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): what the dispatcher measures. The first
-# won on every Llama-3-8B layer shape on an H200 (benchmarks/tune_layer_kernels.py:
+# won on every Llama-3-8B layer shape on an H200 (tools/tune_layer_kernels.py:
 # 3-12% ahead of cuBLAS except qkv, a tie); the others won on SmolLM2's small ones.
 CONFIGS = [(8, 2048, 4, 3), (4, 1024, 8, 3), (8, 1024, 8, 4), (8, 2048, 4, 4), (4, 1024, 4, 3), (16, 512, 4, 3)]
 

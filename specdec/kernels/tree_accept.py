@@ -1,72 +1,14 @@
-"""Triton tree acceptance on the device: greedy path selection and the tree rejection sampler.
+"""Triton tree rejection sampler: lossless multi-draft acceptance on the device.
 
-One program per batch row; no host sync. The exact rules (which uniform is used where,
-how the residual is kept) are defined in specdec/ops/accept.py, whose torch references
-these kernels must match bit for bit given the same uniforms.
+One program per batch row; no host sync. The exact rule (which uniform is used where,
+how the residual is kept) is defined in specdec/ops/accept.py, whose torch reference
+this kernel must match bit for bit given the same uniforms.
 """
 import torch
 import triton
 import triton.language as tl
 
 MAX_BLOCK_V = 8192  # vocab block of the sampler's passes over V
-
-
-# ---------------------------------------------------------------------------- greedy
-@triton.jit
-def _greedy_accept_kernel(par_ptr, tok_ptr, am_ptr, path_ptr, num_ptr, bonus_ptr,
-                          n, max_depth, s_par, s_tok, s_am, s_path,
-                          BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    par_b = par_ptr + b * s_par
-    tok_b = tok_ptr + b * s_tok
-    am_b = am_ptr + b * s_am
-    path_b = path_ptr + b * s_path
-    offs = tl.arange(0, BLOCK_N).to(tl.int64)
-    valid = offs < n
-    # Every node climbs to the root at once: ok = every token on its path equals the
-    # target argmax at its parent; depth = path length. Malformed parents end as "not ok".
-    cur = tl.where(valid, offs, -1)
-    ok = valid
-    depth = tl.zeros((BLOCK_N,), tl.int32)
-    while tl.max(cur, 0) >= 0:
-        alive = cur >= 0
-        p = tl.load(par_b + cur, mask=alive, other=-1).to(tl.int64)
-        good = (p >= -1) & (p < cur)
-        t = tl.load(tok_b + cur, mask=alive, other=0).to(tl.int64)
-        am = tl.load(am_b + p + 1, mask=alive & good, other=0).to(tl.int64)
-        good = good & (t == am)
-        ok = ok & (~alive | good)
-        depth += alive.to(tl.int32)
-        cur = tl.where(alive & good, p, -1)
-    eligible = ok & (depth <= max_depth)
-    d = tl.where(eligible, depth, 0)
-    num = tl.max(d, 0)
-    best = tl.min(tl.where(eligible & (d == num), offs, BLOCK_N), 0)
-    best = tl.where(num > 0, best, -1)
-    offs_p = tl.arange(0, BLOCK_P)
-    tl.store(path_b + offs_p, tl.full((BLOCK_P,), -1, tl.int64), mask=(offs_p >= num) & (offs_p < max_depth))
-    node = best
-    for k in range(0, num):
-        tl.store(path_b + (num - 1 - k), node)
-        node = tl.load(par_b + node).to(tl.int64)
-    tl.store(num_ptr + b, num.to(tl.int64))
-    tl.store(bonus_ptr + b, tl.load(am_b + best + 1).to(tl.int64))
-
-
-def greedy_accept(parents: torch.Tensor,  # [B, n] int (stride 0 on B for a shared tree)
-                  tokens: torch.Tensor,   # [B, n] int
-                  argmax: torch.Tensor,   # [B, n + 1] int
-                  path: torch.Tensor,     # [B, max_depth] int64, out
-                  num_accepted: torch.Tensor,  # [B] int64, out
-                  bonus: torch.Tensor) -> None:  # [B] int64, out
-    B, n = tokens.shape
-    max_depth = path.shape[1]
-    if B == 0:
-        return
-    _greedy_accept_kernel[(B,)](
-        parents, tokens, argmax, path, num_accepted, bonus, n, max_depth,
-        parents.stride(0), tokens.stride(0), argmax.stride(0), path.stride(0),
-        BLOCK_N=max(16, triton.next_power_of_2(n)), BLOCK_P=max(16, triton.next_power_of_2(max_depth)))
 
 
 # ---------------------------------------------------------------- rejection sampler

@@ -216,7 +216,7 @@ def _pow2_floor(x: int) -> int:
 def block_config(n_rows: int, head_dim: int, elem_size: int = 2, device: torch.device | None = None,
                  prefix_bound: int | None = None, num_splits: int | None = None) -> dict:
     """Launch config for ``n_rows = n * G`` packed query rows over a prefix of at most
-    ``prefix_bound`` keys (tuned on an H200 in bf16 with benchmarks/tune_layer_kernels.py,
+    ``prefix_bound`` keys (tuned on an H200 in bf16 with tools/tune_layer_kernels.py,
     each call timed inside a graph of back-to-back calls on K/V the L2 does not hold).
 
     16-row blocks almost everywhere: a verify step's prefix is short next to the tree,

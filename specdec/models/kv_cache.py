@@ -65,13 +65,15 @@ class StaticKVCache:
         no host sync, so a CUDA graph can replay it at other slots)."""
         kv_ops.write_kv(self.k[layer], self.v[layer], start, k, v)
 
-    def keep(self, start: int, keep_idx: torch.Tensor) -> None:
+    def commit(self, start: int, keep_idx: torch.Tensor) -> None:
         """Keep entries [0, start) plus start + keep_idx (increasing, [a] int64), compacted
-        in order to [start, start + a); drop the rest."""
+        in order to [start, start + a); drop the rest. A host ``keep_idx`` that is a prefix
+        (plain decoding, a fully accepted chain) moves nothing: no kernel is launched."""
         a = int(keep_idx.numel())
         if start + a > self.length or start < 0:
-            raise ValueError(f"keep: start {start} + {a} kept entries exceed the cache length {self.length}")
-        if a:
+            raise ValueError(f"commit: start {start} + {a} kept entries exceed the cache length {self.length}")
+        prefix = keep_idx.device.type == "cpu" and bool((keep_idx == torch.arange(a)).all())
+        if a and not prefix:
             idx = keep_idx.to(device=self.device, dtype=torch.long)  # [a]
             kv_ops.compact_kv(self.k, self.v, idx, start=start)  # kernel or torch reference
             self.pos[start:start + a] = self.pos[idx + start]  # the gather copies before the write

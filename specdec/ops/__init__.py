@@ -1,5 +1,5 @@
-"""Ops: the only package that touches kernels/ and the native extensions."""
+"""Ops: the only package that touches kernels/ and the native extension."""
 from . import backend
-from .tree_ops import greedy_accept, greedy_accept_ref
+from .accept import greedy_accept
 
-__all__ = ["backend", "greedy_accept", "greedy_accept_ref"]
+__all__ = ["backend", "greedy_accept"]

@@ -22,7 +22,6 @@ import torch
 log = logging.getLogger("specdec")
 
 _native = None  # specdec._C or False once looked up
-_cuda_native = None
 _overrides: dict[str, bool] = {}
 
 
@@ -40,19 +39,6 @@ def native():
                           "fallback (slower). Reinstall with `pip install --no-build-isolation -e .` "
                           "to build it.", RuntimeWarning, stacklevel=2)
     return _native or None
-
-
-def cuda_native():
-    """specdec._C_cuda (CUDA ops), or None."""
-    global _cuda_native
-    if _overrides.get("cuda_native") is False or not torch.cuda.is_available():
-        return None
-    if _cuda_native is None:
-        try:
-            _cuda_native = importlib.import_module("specdec._C_cuda")
-        except ImportError:
-            _cuda_native = False
-    return _cuda_native or None
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,6 +97,6 @@ def override(**flags: bool):
 
 
 def describe() -> dict:
-    return {"native": native() is not None, "cuda_native": cuda_native() is not None,
-            "triton": has_triton(), "fused_kernels": torch.cuda.is_available() and use_fused(torch.device("cuda")),
+    return {"native": native() is not None, "triton": has_triton(),
+            "fused_kernels": torch.cuda.is_available() and use_fused(torch.device("cuda")),
             "gemv": os.environ.get("SPECDEC_GEMV", "auto"), "flash_attn": has_flash_attn(), "torch": torch.__version__}

@@ -1,5 +1,11 @@
 """N-gram index for n-gram drafting: native ``specdec._C.NgramIndex`` when built,
-else the pure-Python reference ``NgramIndexRef`` (same API and results)."""
+else the pure-Python reference ``NgramIndexRef`` (same API and results).
+
+The native index stays for what it buys on the host, every step: after a 2000-token
+prompt a decoding step's index work took 40 us native vs 474 us in Python, the prompt's
+insert 6 ms vs 32 ms (one AMD EPYC core; 4000 tokens: 40 vs 713 us, 3.4 vs 74 ms); the
+Python step alone took 307 us on an H100 host, next to a graphed SmolLM2 forward of
+~1 ms (``benchmarks/bench_ops.py``, ``ngram`` rows)."""
 from __future__ import annotations
 
 from ..drafters.ngram_index import NgramIndexRef

@@ -6,80 +6,39 @@ import types
 import torch
 
 from .generate import generate
-
-
-_SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
-_UNSUPPORTED = ("num_beams", "num_return_sequences", "output_scores", "output_logits",
-                "output_attentions", "output_hidden_states", "prefix_allowed_tokens_fn",
-                "logits_processor", "stopping_criteria", "assistant_model", "prompt_lookup_num_tokens")
-_UNSUPPORTED_OK = {"num_beams": 1, "num_return_sequences": 1}
-
-
-def _resolve_config(model, generation_config, kwargs) -> dict:
-    """Merge model.generation_config, an explicit GenerationConfig and kwargs (HF precedence)."""
-    base = generation_config if generation_config is not None else getattr(model, "generation_config", None)
-    cfg = base.to_dict() if base is not None else {}
-    cfg.update({k: v for k, v in kwargs.items()})
-    return cfg
+from .hf_generate import resolve_call
 
 
 def _accelerated_generate(self, inputs=None, generation_config=None, streamer=None, **kwargs):
-    """transformers-compatible ``generate`` backed by specdec (same args, same outputs)."""
+    """transformers-compatible ``generate`` backed by specdec (same arguments, same outputs;
+    logits-level options run per tree node as transformers' own processors; options it
+    cannot honour raise ``UnsupportedOption``: see ``specdec.hf_generate``)."""
     model = self
-    drafter_factory = model._specdec_drafter
-    input_ids = kwargs.pop("input_ids", inputs)
-    attention_mask = kwargs.pop("attention_mask", None)
-    return_dict = kwargs.pop("return_dict_in_generate", None)
     seed = kwargs.pop("seed", None)
-    cfg = _resolve_config(model, generation_config, kwargs)
-    for key in _UNSUPPORTED:
-        val = cfg.get(key)
-        if val not in (None, False, _UNSUPPORTED_OK.get(key, None)):
-            raise NotImplementedError(f"specdec.accelerate: generate(..., {key}={val!r}) is not supported; "
-                                      "call the model's original generate for this option")
-    if return_dict is None:
-        return_dict = cfg.get("return_dict_in_generate", False)
-    if input_ids is None:
-        raise ValueError("generate needs input_ids")
-    input_ids = torch.as_tensor(input_ids)
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
-    max_new = cfg.get("max_new_tokens")
-    if max_new is None:
-        max_length = cfg.get("max_length") or 20
-        max_new = max(0, max_length - input_ids.shape[1])
-    eos = cfg.get("eos_token_id")
-    pad = cfg.get("pad_token_id")
-    if pad is None:
-        pad = eos[0] if isinstance(eos, (list, tuple)) else (eos if eos is not None else 0)
-    sampling = {k: cfg[k] for k in _SAMPLING_KEYS if cfg.get(k) is not None}
-    if not sampling.get("do_sample", False):
-        sampling = {k: v for k, v in sampling.items() if k in ("do_sample", "repetition_penalty")}
-    if streamer is not None and input_ids.shape[0] > 1:
+    call = resolve_call(model, inputs, generation_config, kwargs)
+    ids, mask = call.input_ids, call.attention_mask
+    if streamer is not None and ids.shape[0] > 1:
         raise ValueError("streaming supports batch size 1 only (as in transformers)")
-
     rows, stats = [], []
-    for b in range(input_ids.shape[0]):
-        ids = input_ids[b]
-        if attention_mask is not None:
-            keep = torch.as_tensor(attention_mask)[b].bool()
-            if not bool(keep[keep.nonzero().min():].all()) if keep.any() else True:
-                raise ValueError("attention_mask must be left-padded (zeros only before the first token)")
-            ids = ids[keep]
-        out = generate(model._specdec_target, ids, drafter=drafter_factory(), max_new_tokens=max_new,
-                       eos_token_id=eos, streamer=streamer, seed=seed, **sampling)
-        new = out.new_tokens.to(input_ids.device)
-        rows.append(torch.cat([input_ids[b], new]))
+    for b in range(ids.shape[0]):
+        prompt = ids[b][mask[b]]
+        out = generate(model._specdec_target, prompt, drafter=model._specdec_drafter(),
+                       max_new_tokens=call.max_new_tokens, eos_token_id=call.eos_token_id or None,
+                       streamer=streamer, seed=seed, logits_processor=call.processors_for(prompt),
+                       stopping_criteria=call.criteria_for(prompt), **call.sampling)
+        rows.append(torch.cat([ids[b], out.new_tokens.to(ids.device)]))
         stats.append(out.stats)
     width = max(r.numel() for r in rows)
-    seqs = torch.full((len(rows), width), int(pad), dtype=input_ids.dtype, device=input_ids.device)
+    seqs = torch.full((len(rows), width), call.pad_token_id, dtype=ids.dtype, device=ids.device)
     for b, r in enumerate(rows):
         seqs[b, :r.numel()] = r
-    model.specdec_stats = stats
-    if return_dict:
+    model.specdec_stats = stats  # (the last call's; with threads, read them off the output instead)
+    if call.return_dict:
         from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-        return GenerateDecoderOnlyOutput(sequences=seqs)
+        out = GenerateDecoderOnlyOutput(sequences=seqs)
+        out.specdec_stats = stats  # this call's, one per row
+        return out
     return seqs
 
 
@@ -87,13 +46,15 @@ def accelerate(model, drafter=None):
     """Return ``model`` with ``.generate`` replaced by specdec's lossless speculative decoding.
 
     ``drafter`` is a Drafter instance (reused across calls) or a zero-argument factory.
-    The original method stays available as ``model.generate_original``. Stats of the
-    last call are in ``model.specdec_stats`` (one per batch row)."""
+    The original method stays available as ``model.generate_original``. Stats (one per
+    batch row): ``out.specdec_stats`` with ``return_dict_in_generate=True`` (per call, safe
+    with threads), and the last call's in ``model.specdec_stats``. Concurrent calls on one
+    model are safe: on CUDA they share one static cache and take turns (a lock per runner)."""
     from .drafters.base import NoDrafter
 
     if drafter is None:
         factory = NoDrafter
-    elif callable(drafter) and not hasattr(drafter, "propose"):
+    elif isinstance(drafter, type) or (callable(drafter) and not hasattr(drafter, "propose")):  # a factory
         factory = drafter
     else:
         factory = lambda: drafter  # noqa: E731

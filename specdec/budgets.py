@@ -68,8 +68,9 @@ class BudgetPlan:
         self._last: tuple[int, int] | None = None  # the last step's (accepted, depth cap)
         self.control_s = 0.0  # host seconds in the controller (on a GPU, mostly behind the verify)
         if controller is not None:
-            controller.attach(runner, model)
-            controller.begin_request(self.key)
+            with controller.lock:
+                controller.attach(runner, model)
+                controller.begin_request(self.key)
 
     def next_budget(self, remaining: int, room: int) -> TreeBudget:
         """The budget the drafter gets for the next step (``remaining`` tokens to generate,
@@ -77,7 +78,8 @@ class BudgetPlan:
         chosen = self.cap
         if self.choosing:
             t0 = time.perf_counter()
-            chosen, self._ahead = self._ahead or self.controller.choose(self.key), None
+            with self.controller.lock:
+                chosen, self._ahead = self._ahead or self.controller.choose(self.key), None
             self.control_s += time.perf_counter() - t0
         deepest = min(self.cap.max_depth, remaining - 1, room)
         self._arm = TreeBudget(min(chosen.max_nodes, self.cap.max_nodes, room), min(chosen.max_depth, deepest))
@@ -92,11 +94,12 @@ class BudgetPlan:
         if not self.overlap:
             return
         t0 = time.perf_counter()
-        if self._pending is not None:
-            self.controller.observe(**self._pending)
-            self._pending = None
-        if more_steps and self.choosing:
-            self._ahead = self.controller.choose(self.key)
+        with self.controller.lock:
+            if self._pending is not None:
+                self.controller.observe(**self._pending)
+                self._pending = None
+            if more_steps and self.choosing:
+                self._ahead = self.controller.choose(self.key)
         self.control_s += time.perf_counter() - t0
 
     def record(self, step, final: bool) -> None:
@@ -112,8 +115,9 @@ class BudgetPlan:
             self._pending = seen
             return
         t0 = time.perf_counter()
-        if self._pending is not None:
-            self.controller.observe(**self._pending)
-            self._pending = None
-        self.controller.observe(**seen)
+        with self.controller.lock:
+            if self._pending is not None:
+                self.controller.observe(**self._pending)
+                self._pending = None
+            self.controller.observe(**seen)
         self.control_s += time.perf_counter() - t0

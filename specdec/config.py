@@ -1,6 +1,7 @@
 """Small frozen configs shared by the engine, drafters and backends."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -20,6 +21,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.do_sample and not self.temperature > 0:
             raise ValueError(f"temperature must be > 0 when do_sample=True, got {self.temperature}; "
                              "use do_sample=False for greedy decoding")

@@ -14,6 +14,7 @@ from .backends.select import as_runner
 from .budgets import BudgetPlan, resolve
 from .config import SamplingParams, TreeBudget
 from .drafters.base import DraftRequest, Drafter, NoDrafter, VerifyResult
+from .node_processors import TreeLogitsProcessor, first_stop
 from .sampling import accept_greedy, accept_sampling, context_counts, process
 from .tree import TokenTree
 
@@ -102,6 +103,17 @@ class GenerationOutput:
         return self.sequences[0, self.sequences.shape[1] - self.stats.new_tokens:]
 
 
+@dataclass
+class _Rules:
+    """How a step turns logits into committed tokens."""
+
+    sp: SamplingParams
+    generator: torch.Generator | None
+    eos: set[int]
+    processor: TreeLogitsProcessor | None  # user / transformers logits processors, per node
+    stopping: object | None  # a transformers StoppingCriteriaList, on the committed tokens
+
+
 class _History:
     """The committed tokens: a list, a tensor the drafters get views of (only ever appended
     to, so views stay valid), and token counts for the penalties (or None)."""
@@ -131,7 +143,8 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
              presence_penalty: float = 0.0, eos_token_id=None, pad_token_id=None, streamer=None,
              seed: int | None = None, generator: torch.Generator | None = None,
              budget: TreeBudget | None = None, backend: str = "auto",
-             adaptive: bool | BudgetController = True) -> GenerationOutput:
+             adaptive: bool | BudgetController = True, logits_processor=None,
+             stopping_criteria=None) -> GenerationOutput:
     """Lossless speculative decoding of one sequence.
 
     ``model``: a transformers causal LM (or a specdec Runner); ``drafter`` proposes token
@@ -141,7 +154,10 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
     generic transformers backend), "generic", "compact" (eager) or "graphs". ``adaptive``
     (greedy only, so sampling stays reproducible per seed): each step's budget follows
     acceptance and measured costs (True, or a ``specdec.adaptive.BudgetController``);
-    ``budget`` pins it (with a controller given, caps it)."""
+    ``budget`` pins it (with a controller given, caps it). ``logits_processor``: transformers
+    logits processors applied to every tree node with that node's own context as
+    ``input_ids`` (before specdec's penalties and warping; ``specdec.node_processors``);
+    ``stopping_criteria``: checked after every committed token (nothing after a stop is kept)."""
     t_start = time.perf_counter()
     if max_new_tokens is None or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -155,58 +171,63 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
     runner = as_runner(model, backend, prompt.numel() + max_new_tokens + cap.max_nodes + 1)
     drafter = drafter or NoDrafter()
     _check_inputs(prompt, drafter, runner)
-    plan = BudgetPlan(controller, choosing, budget, runner, model, drafter)
-    eos = _eos_set(eos_token_id, model)
     if generator is None and seed is not None:
         generator = torch.Generator(device="cpu").manual_seed(seed)
+    rules = _Rules(sp, generator, _eos_set(eos_token_id, model),
+                   TreeLogitsProcessor(logits_processor) if logits_processor else None, stopping_criteria or None)
 
-    stats, history = GenerationStats(), _History(prompt, max_new_tokens, runner, sp)
-    runner.reset()
-    drafter.reset(prompt)
-    if streamer is not None:
-        streamer.put(prompt[None].cpu())
-    if prompt.numel() > 1:  # the last prompt token is the first root: it runs with the first tree
-        t0 = time.perf_counter()
-        runner.prefill(prompt[:-1].to(runner.device), torch.arange(prompt.numel() - 1, device=runner.device))
-        stats.prefill_time_s = time.perf_counter() - t0
-    plan.while_verifying(more_steps=max_new_tokens > 0)
-    done = max_new_tokens == 0
-    while not done:
-        t_step = time.perf_counter()
-        remaining = max_new_tokens - stats.new_tokens
-        room = runner.max_length - len(history.tokens)  # positions left for the tree's nodes
-        if room < 0:
-            warnings.warn(f"reached the model's context length {runner.max_length}; stopping early")
-            break
-        step = _step(runner, drafter, history, plan, plan.next_budget(remaining, room), sp, generator, eos, remaining)
-        history.extend(step.new_tokens)
-        stats.add(step)
+    with runner.lock:  # one sequence per cache: concurrent calls on one model take turns
+        plan = BudgetPlan(controller, choosing, budget, runner, model, drafter)
+        stats, history = GenerationStats(), _History(prompt, max_new_tokens, runner, sp)
+        runner.reset()
+        drafter.reset(prompt)
         if streamer is not None:
-            streamer.put(torch.tensor(step.new_tokens))
-        done = step.stop
-        t_update = time.perf_counter()
-        if not done:
-            drafter.update(VerifyResult(step.tree, step.accepted_nodes, torch.tensor(step.new_tokens),
-                                        history.view(), step.logits))
-        stats.update_time_s += time.perf_counter() - t_update
-        step.total_s = time.perf_counter() - t_step
-        plan.record(step, final=done)
-    if streamer is not None:
-        streamer.end()
-    stats.control_time_s = plan.control_s
-    stats.total_time_s = time.perf_counter() - t_start
-    return GenerationOutput(torch.tensor(history.tokens, device=prompt.device)[None], stats)
+            streamer.put(prompt[None].cpu())
+        if prompt.numel() > 1:  # the last prompt token is the first root: it runs with the first tree
+            t0 = time.perf_counter()
+            runner.prefill(prompt[:-1].to(runner.device), torch.arange(prompt.numel() - 1, device=runner.device))
+            stats.prefill_time_s = time.perf_counter() - t0
+        plan.while_verifying(more_steps=max_new_tokens > 0)
+        done = max_new_tokens == 0
+        while not done:
+            t_step = time.perf_counter()
+            remaining = max_new_tokens - stats.new_tokens
+            room = runner.max_length - len(history.tokens)  # positions left for the tree's nodes
+            if room < 0:
+                warnings.warn(f"reached the model's context length {runner.max_length}; stopping early")
+                break
+            step = _step(runner, drafter, history, plan, plan.next_budget(remaining, room), rules, remaining)
+            history.extend(step.new_tokens)
+            stats.add(step)
+            if streamer is not None:
+                streamer.put(torch.tensor(step.new_tokens))
+            done = step.stop
+            t_update = time.perf_counter()
+            if not done:
+                drafter.update(VerifyResult(step.tree, step.accepted_nodes, torch.tensor(step.new_tokens),
+                                            history.view(), step.logits))
+            stats.update_time_s += time.perf_counter() - t_update
+            step.total_s = time.perf_counter() - t_step
+            plan.record(step, final=done)
+        if streamer is not None:
+            streamer.end()
+        stats.control_time_s = plan.control_s
+        stats.total_time_s = time.perf_counter() - t_start
+        return GenerationOutput(torch.tensor(history.tokens, device=prompt.device)[None], stats)
 
 
 def _step(runner: Runner, drafter: Drafter, history: _History, plan: BudgetPlan, budget: TreeBudget,
-          sp: SamplingParams, generator, eos: set[int], remaining: int) -> StepResult:
+          rules: _Rules, remaining: int) -> StepResult:
     """Draft -> verify (one forward) -> accept -> commit the accepted path's K/V."""
+    sp, generator = rules.sp, rules.generator
     t0 = time.perf_counter()
     request = DraftRequest(history.view(), budget, sp, generator)
     tree = drafter.propose(request) if budget.max_depth > 0 else TokenTree.empty()
+    if not isinstance(tree, TokenTree):
+        raise TypeError(f"drafter.propose must return a specdec.TokenTree, got {type(tree).__name__}")
     if tree.device.type != "cpu" and tree.draft_probs is None:
         tree = tree.to("cpu")  # one transfer: the checks, mask and positions below are host work
-    tree = _fit(tree, budget, runner.vocab_size)
+    tree = _fit(tree, budget, runner.vocab_size, sp.do_sample)
     t1 = time.perf_counter()
 
     device, start = runner.device, runner.length  # == len(tokens) - 1: the root is not cached yet
@@ -217,14 +238,18 @@ def _step(runner: Runner, drafter: Drafter, history: _History, plan: BudgetPlan,
     logits = runner.forward(inp, pos, tree_mask=mask.to(device))[:, :runner.vocab_size]  # [n + 1, V]
     plan.while_verifying(more_steps=remaining > 1)  # (on a GPU the forward is still running)
     counts = context_counts(history.counts, tree.to(device)) if history.counts is not None else None
-    processed = process(logits, sp, counts, check_nan=False)  # NaNs: checked in accept_*
+    processed = logits if rules.processor is None else rules.processor(logits, history.view(), tree)
+    processed = process(processed, sp, counts, check_nan=False)  # NaNs: checked in accept_*
     if sp.do_sample:
         acc = accept_sampling(tree, torch.softmax(processed, -1), generator)
     else:
         acc = accept_greedy(tree, processed)
     runner.commit(start, torch.tensor([0] + [i + 1 for i in acc.accepted_nodes]))  # (host: a prefix moves nothing)
     drafted = tree.tokens.tolist()
-    new, stop = _truncate([drafted[i] for i in acc.accepted_nodes] + [acc.bonus_token], eos, remaining)
+    new, stop = _truncate([drafted[i] for i in acc.accepted_nodes] + [acc.bonus_token], rules.eos, remaining)
+    cut = None if rules.stopping is None else first_stop(rules.stopping, history.tokens, new, device)
+    if cut is not None:
+        new, stop = new[:cut + 1], True
     return StepResult(tree, budget, acc.accepted_nodes, new, stop, logits, draft_s=t1 - t0,
                       verify_s=time.perf_counter() - t1, timed=runner.captures == captures)
 
@@ -257,6 +282,13 @@ def _check_prompt(input_ids) -> torch.Tensor:
 
 
 def _check_inputs(prompt: torch.Tensor, drafter, runner: Runner) -> None:
+    if isinstance(drafter, str):
+        raise TypeError(f"drafter must be a Drafter, got the string {drafter!r}; build one with "
+                        f"specdec.drafters.make({drafter!r}, target=model)")
+    missing = [m for m in ("reset", "propose", "update") if not callable(getattr(drafter, m, None))]
+    if missing:
+        raise TypeError(f"drafter {type(drafter).__name__} lacks {', '.join(missing)}: a Drafter needs "
+                        "reset(prompt), propose(request) -> TokenTree and update(result) (specdec.drafters.base)")
     _check_drafter(drafter, runner)
     if prompt.numel() > runner.max_length:
         raise ValueError(f"prompt has {prompt.numel()} tokens but the model's context is "
@@ -276,12 +308,14 @@ def _check_drafter(drafter, runner) -> None:
                          "move both to the same device")
 
 
-def _fit(tree: TokenTree, budget: TreeBudget, vocab: int) -> TokenTree:
-    """Enforce the step budget on whatever a drafter returned."""
+def _fit(tree: TokenTree, budget: TreeBudget, vocab: int, sampling: bool) -> TokenTree:
+    """Check what a drafter returned and enforce the step budget on it."""
     if len(tree) == 0:
         return tree
     if int(tree.tokens.max()) >= vocab or int(tree.tokens.min()) < 0:
         raise ValueError("drafter proposed token ids outside the target's vocabulary")
+    if sampling and tree.draft_probs is not None:
+        _check_draft_probs(tree, vocab)
     tree = tree.truncate(budget.max_nodes)
     if int(tree.depth.max()) > budget.max_depth:
         keep = (tree.depth <= budget.max_depth).nonzero().flatten()
@@ -294,6 +328,18 @@ def _fit(tree: TokenTree, budget: TreeBudget, vocab: int) -> TokenTree:
         sc = None if tree.scores is None else tree.scores[keep]
         tree = TokenTree(tree.tokens[keep], parents, dp, sc)
     return tree
+
+
+def _check_draft_probs(tree: TokenTree, vocab: int) -> None:
+    """A node's draft distribution must be finite, non-negative and give its own token q > 0
+    (q = 0 would accept it unconditionally, NaN would draw garbage): one check, one transfer."""
+    dp = tree.draft_probs  # [n, V']
+    if dp.dim() != 2 or dp.shape[1] < vocab:
+        raise ValueError(f"TokenTree.draft_probs must be [nodes, vocab >= {vocab}], got {tuple(dp.shape)}")
+    own = dp.gather(1, tree.tokens.to(dp.device)[:, None])  # [n, 1]
+    if bool((~torch.isfinite(dp)).any() | (dp < 0).any() | (own <= 0).any()):
+        raise ValueError("drafter returned draft_probs that are not a distribution its tokens were drawn from "
+                         "(NaN/inf, negative, or probability 0 at the proposed token)")
 
 
 def _truncate(new: list[int], eos: set[int], remaining: int) -> tuple[list[int], bool]:

@@ -127,3 +127,78 @@ def test_merged_drafter_options_go_to_their_part():
         drafters.make("ngram+recycling", max_continuation=16)
     with pytest.raises(ValueError, match="takes a dict"):
         drafters.make("ngram+recycling", ngram=16)
+
+
+# ----------------------------------------------------------------------------- custom drafters (issue 25)
+class _ProbsDrafter:
+    """Proposes one sampled-looking node whose draft_probs the test sets."""
+
+    def __init__(self, probs):
+        self.probs = probs
+
+    def reset(self, prompt):
+        pass
+
+    def propose(self, request):
+        from specdec.tree import TokenTree
+
+        return TokenTree(torch.tensor([5]), torch.tensor([-1]), draft_probs=self.probs[None].clone())
+
+    def update(self, result):
+        pass
+
+
+@pytest.mark.parametrize("case", ["zero_at_token", "nan", "negative", "narrow"])
+def test_bad_draft_probs_are_refused_when_sampling(case):
+    model = tiny_model("llama")
+    probs = torch.full((96,), 1 / 95)
+    if case == "zero_at_token":
+        probs[5] = 0.0  # q = 0 would accept token 5 unconditionally
+    elif case == "nan":
+        probs[7] = float("nan")
+    elif case == "negative":
+        probs[7] = -0.1
+    else:
+        probs = probs[:10]
+    with pytest.raises(ValueError, match="draft_probs"):
+        specdec.generate(model, torch.tensor([[1, 2, 3]]), drafter=_ProbsDrafter(probs), max_new_tokens=3,
+                         do_sample=True, seed=0)
+    ok = torch.full((96,), 1 / 96)
+    specdec.generate(model, torch.tensor([[1, 2, 3]]), drafter=_ProbsDrafter(ok), max_new_tokens=3,
+                     do_sample=True, seed=0)  # a proper distribution passes
+
+
+def test_drafter_mistakes_get_clear_errors():
+    model = tiny_model("llama")
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(TypeError, match=r"drafters.make\('ngram'"):
+        specdec.generate(model, ids, drafter="ngram", max_new_tokens=2)
+
+    class NoUpdate:
+        def reset(self, prompt):
+            pass
+
+        def propose(self, request):
+            return specdec.TokenTree.empty()
+
+    with pytest.raises(TypeError, match="lacks update"):
+        specdec.generate(model, ids, drafter=NoUpdate(), max_new_tokens=2)
+
+    class ListDrafter(NoUpdate):
+        def propose(self, request):
+            return [5, 6]
+
+        def update(self, result):
+            pass
+
+    with pytest.raises(TypeError, match="must return a specdec.TokenTree"):
+        specdec.generate(model, ids, drafter=ListDrafter(), max_new_tokens=2)
+
+
+def test_meta_device_target_and_nan_penalties_are_refused():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="repetition_penalty must be a finite number"):
+        specdec.generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=2, repetition_penalty=float("nan"))
+    meta = tiny_model("llama").to("meta")
+    with pytest.raises(ValueError, match="meta device"):
+        specdec.generate(meta, torch.tensor([[1, 2, 3]]), max_new_tokens=2)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from typing import Callable, Sequence
 
 import numpy as np
@@ -140,6 +141,7 @@ class BudgetController:
         self.probe_far = bool(cfg.probe_far)  # (None: settled by ``attach``)
         self.request_prior = 8.0 if cfg.request_prior is None else float(cfg.request_prior)
         self.trace: list | None = None
+        self.lock = threading.Lock()  # held by BudgetPlan around each call: one controller, many threads
         self._stats: dict[str, _ArmStats] = {}
         self.use_fit(None)
 

@@ -9,6 +9,8 @@ Backends subclass ``Runner``; the methods with a body are defaults a backend may
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 
@@ -18,6 +20,14 @@ class Runner:
     device: torch.device
     captures: int = 0  # CUDA graphs captured so far (a forward that captured is no timing sample)
     pads_trees: bool = False  # every tree runs padded to a bucket (CUDA graphs): verify cost steps
+
+    @property
+    def lock(self) -> threading.Lock:
+        """Held by ``generate`` for a whole sequence: the cache holds one sequence, so two
+        threads decoding on one model (whose compact runner is kept) take turns here."""
+        if "_lock" not in self.__dict__:
+            self.__dict__["_lock"] = threading.Lock()
+        return self.__dict__["_lock"]
 
     @property
     def length(self) -> int:

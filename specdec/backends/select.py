@@ -29,6 +29,9 @@ def as_runner(model, backend: str, capacity: int) -> Runner:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     param = next(model.parameters())
+    if param.device.type == "meta":
+        raise ValueError("the model is on the meta device (its weights were never loaded); load it with "
+                         "real weights (from_pretrained without device_map='meta', or model.to_empty + load)")
     requested = backend
     if backend == "auto":
         backend = "graphs" if param.device.type == "cuda" else "generic"

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import importlib
-import json
 import math
 import shlex
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import RESULTS_DIR, random_tree_mask, versions, warm_gpu
+from .common import RESULTS_DIR, random_tree_mask, versions, warm_gpu, write_run
 from .models import to_dtype
 
 
@@ -243,13 +242,8 @@ def main(argv=None) -> int:
                   f" ({row.get('triton_GBps') or 0:5.0f} GB/s)  {peers}  err={row.get('triton_maxerr', float('nan')):.1e}",
                   flush=True)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "tree_attention" + (f"_{args.tag}" if args.tag else "")
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    md = to_markdown(meta, rows)
-    (out / f"{stem}.md").write_text(md)
-    print(md)
-    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
+    write_run(out, "tree_attention" + (f"_{args.tag}" if args.tag else ""), {"meta": meta, "rows": rows},
+              to_markdown(meta, rows))
     return 0
 
 

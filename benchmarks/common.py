@@ -4,6 +4,7 @@ and random-tree helpers of the kernel benchmarks."""
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import re
@@ -100,6 +101,15 @@ def versions(*extra: str) -> dict:
 
 
 # --- prompts -------------------------------------------------------------------------------------------
+
+def write_run(folder: Path, stem: str, data: dict, markdown: str) -> None:
+    """``stem``.json (``data``) and ``stem``.md (``markdown``) in ``folder``; prints the table."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str))
+    (folder / f"{stem}.md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {folder / stem}.json and .md")
+
 
 def ints(text: str) -> list[int]:
     """``"1,4,16"`` -> [1, 4, 16]."""

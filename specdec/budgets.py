@@ -93,14 +93,7 @@ class BudgetPlan:
         may follow the work in flight), hidden behind the device's work."""
         if not self.overlap:
             return
-        t0 = time.perf_counter()
-        with self.controller.lock:
-            if self._pending is not None:
-                self.controller.observe(**self._pending)
-                self._pending = None
-            if more_steps and self.choosing:
-                self._ahead = self.controller.choose(self.key)
-        self.control_s += time.perf_counter() - t0
+        self._observe(None, choose_next=more_steps and self.choosing)
 
     def record(self, step, final: bool) -> None:
         """After a step (a ``generate.StepResult``); ``final``: no step follows."""
@@ -113,11 +106,17 @@ class BudgetPlan:
         # (the draft side is everything but the verify: drafting, the drafter's update, bookkeeping)
         if self.overlap and not final:
             self._pending = seen
-            return
+        else:
+            self._observe(seen, choose_next=False)
+
+    def _observe(self, seen: dict | None, choose_next: bool) -> None:
+        """Learn from the pending step (and ``seen``); optionally choose the next budget ahead."""
         t0 = time.perf_counter()
         with self.controller.lock:
-            if self._pending is not None:
-                self.controller.observe(**self._pending)
-                self._pending = None
-            self.controller.observe(**seen)
+            for step in (self._pending, seen):
+                if step is not None:
+                    self.controller.observe(**step)
+            self._pending = None
+            if choose_next:
+                self._ahead = self.controller.choose(self.key)
         self.control_s += time.perf_counter() - t0

@@ -150,6 +150,17 @@ def _greedy_options(ref_tokens, eos):
 
 
 GREEDY = list(_greedy_options([3, 4, 5], 5))
+
+
+def _transformers_with(model, ids, option: str):
+    """(the unconstrained greedy continuation, the option's keywords, transformers' output with them)."""
+    free = hf_greedy(model, ids, 12)[0, ids.shape[1]:].tolist()
+    kw = _greedy_options(free, eos=free[4])[option]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                             pad_token_id=0, **kw)
+    return free, kw, ref
 MAY_NOT_CHANGE = ("max_time", "stopping_criteria", "forced_eos_token_id", "encoder_repetition_penalty",
                   "renormalize_logits", "exponential_decay_length_penalty")
 
@@ -162,12 +173,9 @@ def test_logits_options_are_honoured_per_tree_node_greedy(option, drafter):
     target's own argmax, so only the per-node processing can reject them)."""
     model = tiny_model("llama")
     ids = _repetitive()
-    free = hf_greedy(model, ids, 12)[0, ids.shape[1]:].tolist()
-    kw = _greedy_options(free, eos=free[4])[option]
+    free, kw, ref = _transformers_with(model, ids, option)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                             pad_token_id=0, **kw)
         target = copy.deepcopy(model)
         make = specdec.NgramDrafter if drafter == "ngram" else (lambda: specdec.ModelDrafter(target, gamma=4))
         fast = specdec.accelerate(target, drafter=make)
@@ -332,12 +340,9 @@ def test_logits_options_through_the_fast_runtime_gpu(option):
     """The greedy table on CUDA, where accelerate runs the compact runtime with CUDA graphs."""
     model = tiny_model("llama").cuda()
     ids = _repetitive().cuda()
-    free = hf_greedy(model, ids, 12)[0, ids.shape[1]:].tolist()
-    kw = _greedy_options(free, eos=free[4])[option]
+    _, kw, ref = _transformers_with(model, ids, option)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                             pad_token_id=0, **kw)
         fast = specdec.accelerate(copy.deepcopy(model), drafter=specdec.NgramDrafter)
         out = fast.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, **kw)
     assert out.tolist() == ref.tolist(), option

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import datasets, models
-from benchmarks.common import RESULTS_DIR, device_name, environment, fit_prompts, ints, slug, sync
+from benchmarks.common import RESULTS_DIR, device_name, environment, fit_prompts, ints, slug, sync, write_run
 from benchmarks.report import STEP_TIMES
 
 ADAPTIVE = "adaptive"
@@ -340,13 +340,8 @@ def main(argv=None, *, model=None, tokenizer=None) -> int:
         "latency": {k: c.latency.to_json() for k, c in controllers.items() if c.latency is not None},
         "summary": summarise(records, methods, label(default), tuple(variants)), "records": records}
     folder = Path(args.out) if args.out else RESULTS_DIR / f"{_dt.date.today().isoformat()}-{slug(device_name(device))}"
-    folder.mkdir(parents=True, exist_ok=True)
     stem = f"sweep_adaptive_{slug(loaded.name)}_{slug(args.drafter)}_{args.dtype}" + (f"_{slug(args.tag)}" if args.tag else "")
-    (folder / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
-    md = markdown(results)
-    (folder / f"{stem}.md").write_text(md)
-    print(md)
-    print(f"wrote {folder / stem}.json and .md")
+    write_run(folder, stem, results, markdown(results))
     return 0
 
 

@@ -24,8 +24,8 @@ def _accelerated_generate(self, inputs=None, generation_config=None, streamer=No
         prompt = ids[b][mask[b]]
         out = generate(model._specdec_target, prompt, drafter=model._specdec_drafter(),
                        max_new_tokens=call.max_new_tokens, eos_token_id=call.eos_token_id or None,
-                       streamer=streamer, seed=seed, logits_processor=call.processors_for(prompt),
-                       stopping_criteria=call.criteria_for(prompt), **call.sampling)
+                       streamer=streamer, seed=seed, logits_processor=call.processors_for(b),
+                       stopping_criteria=call.criteria_for(b), **call.sampling)
         rows.append(torch.cat([ids[b], out.new_tokens.to(ids.device)]))
         stats.append(out.stats)
     width = max(r.numel() for r in rows)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .node_processors import with_prefix
+
 # options the fast path (specdec's SamplingParams) covers; with only these set no transformers
 # processor runs in the loop
 FAST = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
@@ -68,32 +70,46 @@ class ResolvedCall:
     user_criteria: object = None
     tokenizer: object = None
 
-    def processors_for(self, prompt: torch.Tensor):
-        """transformers' logits processors for one row (``prompt`` [T], padding stripped), built
-        as transformers builds them for that prompt alone; None on the fast path."""
+    def processors_for(self, row: int):
+        """transformers' logits processors for batch row ``row``, built and fed as transformers
+        does for that row (its left padding stays in the processors' ``input_ids``, lengths
+        count the padded width); None on the fast path."""
         if not self.per_node:
             return None
-        config = self._config_for(prompt)
-        return self.model._get_logits_processor(
-            generation_config=config, input_ids_seq_length=prompt.numel(), encoder_input_ids=prompt[None],
-            prefix_allowed_tokens_fn=self.prefix_allowed_tokens_fn, logits_processor=self.user_processors,
-            device=prompt.device)
+        ids = self.input_ids[row]  # [T] with its padding
+        fn = self.prefix_allowed_tokens_fn
+        procs = self.model._get_logits_processor(
+            generation_config=self._config(), input_ids_seq_length=ids.numel(), encoder_input_ids=ids[None],
+            prefix_allowed_tokens_fn=None if fn is None else (lambda _, sent: fn(row, sent)),
+            logits_processor=self.user_processors, device=ids.device,
+            model_kwargs={"attention_mask": self.attention_mask[row][None].long()})
+        pads = self._padding(row)
+        for p in procs:  # the repetition penalty skips the row's pads, given per batch row: here every
+            if isinstance(getattr(p, "prompt_ignore_length", None), torch.Tensor):  # context is this row's
+                p.prompt_ignore_length = pads.numel()
+        return with_prefix(procs, pads)
 
-    def criteria_for(self, prompt: torch.Tensor):
-        """Stopping criteria beyond EOS and length (stop strings, max_time, the user's), or None."""
+    def criteria_for(self, row: int):
+        """Stopping criteria beyond EOS and length (stop strings, max_time, the user's) for batch
+        row ``row``, or None."""
         if self.config.stop_strings is None and self.config.max_time is None and not self.user_criteria:
             return None
         from transformers import StoppingCriteriaList
 
-        return self.model._get_stopping_criteria(self._config_for(prompt), self.user_criteria or StoppingCriteriaList(),
-                                                 tokenizer=self.tokenizer)
+        criteria = self.model._get_stopping_criteria(self._config(), self.user_criteria or StoppingCriteriaList(),
+                                                     tokenizer=self.tokenizer)
+        return with_prefix(criteria, self._padding(row))
 
-    def _config_for(self, prompt: torch.Tensor):
+    def _padding(self, row: int) -> torch.Tensor:
+        return self.input_ids[row][~self.attention_mask[row]]  # [pads] (specdec decodes the row without them)
+
+    def _config(self):
         config = copy.deepcopy(self.config)
-        config.max_length = prompt.numel() + self.max_new_tokens
+        width = self.input_ids.shape[1]
+        config.max_length = width + self.max_new_tokens
         if config.min_new_tokens is not None:
-            config.min_length = config.min_new_tokens + prompt.numel()
-        self.model._prepare_special_tokens(config, True, device=prompt.device)
+            config.min_length = config.min_new_tokens + width
+        self.model._prepare_special_tokens(config, True, device=self.input_ids.device)
         return config
 
 

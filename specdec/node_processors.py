@@ -46,6 +46,23 @@ class TreeLogitsProcessor:
         return out
 
 
+class _Prefixed:
+    """``fn(input_ids, ...)`` with ``prefix`` [P] prepended to every row of ``input_ids``."""
+
+    def __init__(self, fn, prefix: torch.Tensor):
+        self.fn, self.prefix = fn, prefix
+
+    def __call__(self, input_ids: torch.Tensor, *args, **kwargs):
+        prefix = self.prefix.to(input_ids.device)[None].expand(input_ids.shape[0], -1)
+        return self.fn(torch.cat([prefix, input_ids], dim=1), *args, **kwargs)
+
+
+def with_prefix(fn, prefix: torch.Tensor):
+    """``fn`` seeing ``prefix`` before every context (a left-padded row's pads, as transformers'
+    processors see them); ``fn`` itself when the prefix is empty."""
+    return fn if prefix.numel() == 0 else _Prefixed(fn, prefix)
+
+
 def first_stop(criteria, committed: list[int], new: list[int], device) -> int | None:
     """Index in ``new`` of the first token after which ``criteria`` (a transformers
     ``StoppingCriteriaList``, called as ``criteria(input_ids [1, L], scores=None)``) stops,

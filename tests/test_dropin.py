@@ -346,3 +346,62 @@ def test_logits_options_through_the_fast_runtime_gpu(option):
         fast = specdec.accelerate(copy.deepcopy(model), drafter=specdec.NgramDrafter)
         out = fast.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, **kw)
     assert out.tolist() == ref.tolist(), option
+
+
+def test_padded_batch_with_processors_matches_transformers_batch():
+    """Left-padded rows: transformers' processors see each row's pads and count the padded
+    width; so do specdec's (the pads are a prefix of every node's context)."""
+    model = tiny_model("llama")
+    a, b = _repetitive(1)[0], _ids(9, 9)[0]
+    batch = torch.stack([a, torch.cat([torch.zeros(a.numel() - b.numel(), dtype=torch.long), b])])
+    mask = (torch.arange(a.numel()) >= a.numel() - b.numel()).long()
+    mask = torch.stack([torch.ones_like(mask), mask])
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, repetition_penalty=1.4, no_repeat_ngram_size=2,
+              min_new_tokens=4, eos_token_id=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = model.generate(batch, attention_mask=mask, **kw)
+        out = specdec.accelerate(copy.deepcopy(model), drafter=specdec.NgramDrafter).generate(
+            batch, attention_mask=mask, **kw)
+    assert out.tolist() == ref.tolist()
+
+
+def test_sampling_through_trees_follows_the_processed_distribution():
+    """Two sampled tokens per seed, with min_p and a repetition penalty applied per node, the
+    target drafting for itself from its raw distribution (so the second token is often a
+    verified tree node, accepted by rejection sampling against the processed one): the
+    pairs' empirical distribution matches the exact one, computed with transformers'
+    processors row by row."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6.0)
+    ids = _repetitive(3)
+    option = dict(min_p=0.15, repetition_penalty=1.3, top_k=0)
+    config = GenerationConfig(do_sample=True, max_new_tokens=2, **option)
+    procs = model._get_logits_processor(generation_config=config, input_ids_seq_length=ids.shape[1],
+                                        encoder_input_ids=ids, device=ids.device)
+
+    def probs(ctx):
+        with torch.no_grad():
+            return torch.softmax(procs(ctx, model(ctx).logits[:, -1].float()), -1)[0]
+
+    p1 = probs(ids)
+    want = {}
+    for t1 in p1.nonzero().flatten().tolist():
+        p2 = probs(torch.cat([ids, torch.tensor([[t1]])], 1))
+        for t2 in p2.nonzero().flatten().tolist():
+            want[(t1, t2)] = float(p1[t1] * p2[t2])
+    target = copy.deepcopy(model)
+    fast = specdec.accelerate(target, drafter=lambda: specdec.ModelDrafter(target, gamma=2))
+    n = 500
+    pairs, accepted = [], 0
+    for s in range(n):
+        pairs.append(tuple(fast.generate(ids, max_new_tokens=2, do_sample=True, seed=s, **option)[0, -2:].tolist()))
+        accepted += sum(fast.specdec_stats[0].accepted_per_step)
+    assert accepted > n // 10  # the second token often came from a verified tree node
+    assert all(p in want for p in pairs)  # never a pair the processors rule out
+    keys = sorted(want)
+    w = torch.tensor([want[k] for k in keys])
+    got = torch.tensor([pairs.count(k) for k in keys], dtype=torch.float) / n
+    tv, expected = (got - w).abs().sum() / 2, torch.sqrt(2 * w * (1 - w) / (math.pi * n)).sum() / 2
+    assert tv < 1.6 * expected + 0.02, (float(tv), float(expected), len(keys))

@@ -11,6 +11,7 @@ from conftest import hf_greedy, tiny_model
 # name -> options for drafters.make (draft model given where needed)
 DRAFTERS = {
     "ngram": {},
+    "suffix": {},
     "model": {"draft": True, "gamma": 3},
     "recycling": {},
     "early_exit": {"layers": 1, "gamma": 3},
@@ -75,7 +76,7 @@ def test_sampling_distribution(name):
     assert large < 0.07, f"TV {large:.3f}"
 
 
-@pytest.mark.parametrize("name", ["ngram", "recycling", "early_exit", "ngram+recycling"])
+@pytest.mark.parametrize("name", ["ngram", "suffix", "recycling", "early_exit", "ngram+recycling"])
 def test_real_smollm2_greedy_lossless(smollm2, name):
     """The real model on code (HumanEval), math (GSM8K) and a Spec-Bench-style chat prompt."""
     from test_lossless import _real_prompts

@@ -66,8 +66,15 @@ def _early_exit_drafter(target=None, **kw):
     return EarlyExitDrafter(target, **kw)
 
 
+def _suffix_drafter(target=None, **kw):
+    from .suffix import SuffixDrafter
+
+    return SuffixDrafter(**kw)
+
+
 register("recycling", _recycling_drafter)
 register("early_exit", _early_exit_drafter)
+register("suffix", _suffix_drafter)
 
 
 # --- combinations (drafters/merged.py, drafters/dual.py)

@@ -247,7 +247,7 @@ def _step(runner: Runner, drafter: Drafter, history: _History, plan: BudgetPlan,
     runner.commit(start, torch.tensor([0] + [i + 1 for i in acc.accepted_nodes]))  # (host: a prefix moves nothing)
     drafted = tree.tokens.tolist()
     new, stop = _truncate([drafted[i] for i in acc.accepted_nodes] + [acc.bonus_token], rules.eos, remaining)
-    cut = None if rules.stopping is None else first_stop(rules.stopping, history.tokens, new, device)
+    cut = None if rules.stopping is None else first_stop(rules.stopping, history.view(), new, device)
     if cut is not None:
         new, stop = new[:cut + 1], True
     return StepResult(tree, budget, acc.accepted_nodes, new, stop, logits, draft_s=t1 - t0,
@@ -318,15 +318,8 @@ def _fit(tree: TokenTree, budget: TreeBudget, vocab: int, sampling: bool) -> Tok
         _check_draft_probs(tree, vocab)
     tree = tree.truncate(budget.max_nodes)
     if int(tree.depth.max()) > budget.max_depth:
-        keep = (tree.depth <= budget.max_depth).nonzero().flatten()
-        # nodes deeper than the budget have all descendants deeper too: dropping them keeps order
-        remap = torch.full((len(tree),), -1, dtype=torch.long)
-        remap[keep] = torch.arange(keep.numel())
-        parents = tree.parents[keep]
-        parents = torch.where(parents >= 0, remap[parents.clamp(min=0)], parents)
-        dp = None if tree.draft_probs is None else tree.draft_probs[keep]
-        sc = None if tree.scores is None else tree.scores[keep]
-        tree = TokenTree(tree.tokens[keep], parents, dp, sc)
+        # nodes deeper than the budget have all descendants deeper too: the rest is ancestor-closed
+        tree = tree.select((tree.depth <= budget.max_depth).nonzero().flatten())
     return tree
 
 

@@ -20,10 +20,6 @@ import torch
 
 from .node_processors import with_prefix
 
-# options the fast path (specdec's SamplingParams) covers; with only these set no transformers
-# processor runs in the loop
-FAST = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
-
 # option -> its neutral value once transformers has filled in its defaults: honoured through
 # transformers' own logits processors, applied per tree node (``specdec.node_processors``)
 PER_NODE = {
@@ -92,7 +88,7 @@ class ResolvedCall:
     def criteria_for(self, row: int):
         """Stopping criteria beyond EOS and length (stop strings, max_time, the user's) for batch
         row ``row``, or None."""
-        if self.config.stop_strings is None and self.config.max_time is None and not self.user_criteria:
+        if not self.user_criteria and not any(_set(self.config, n, v) for n, v in STOPPING.items()):
             return None
         from transformers import StoppingCriteriaList
 

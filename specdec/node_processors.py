@@ -63,12 +63,12 @@ def with_prefix(fn, prefix: torch.Tensor):
     return fn if prefix.numel() == 0 else _Prefixed(fn, prefix)
 
 
-def first_stop(criteria, committed: list[int], new: list[int], device) -> int | None:
+def first_stop(criteria, committed: torch.Tensor, new: list[int], device) -> int | None:
     """Index in ``new`` of the first token after which ``criteria`` (a transformers
     ``StoppingCriteriaList``, called as ``criteria(input_ids [1, L], scores=None)``) stops,
-    or None. ``committed``: the tokens before ``new``."""
-    ids = torch.tensor(committed + new, device=device)[None]
-    base = len(committed)
+    or None. ``committed`` [T]: the tokens before ``new``."""
+    ids = torch.cat([committed.to(device), torch.tensor(new, dtype=torch.long, device=device)])[None]
+    base = committed.numel()
     for j in range(len(new)):
         if bool(torch.as_tensor(criteria(ids[:, :base + j + 1], None)).any()):
             return j

@@ -152,6 +152,17 @@ class TokenTree:
         m[0, 0] = True
         return parents, m
 
+    def select(self, keep: torch.Tensor) -> "TokenTree":
+        """The nodes ``keep`` ([k] int64, increasing, closed under ancestors), renumbered."""
+        keep = keep.to(self.parents.device)
+        remap = torch.full((len(self),), -1, dtype=torch.long, device=self.parents.device)
+        remap[keep] = torch.arange(keep.numel(), device=keep.device)
+        parents = self.parents[keep]
+        parents = torch.where(parents >= 0, remap[parents.clamp(min=0)], parents)
+        dp = None if self.draft_probs is None else self.draft_probs[keep.to(self.draft_probs.device)]
+        sc = None if self.scores is None else self.scores[keep.to(self.scores.device)]
+        return TokenTree(self.tokens[keep.to(self.tokens.device)], parents, dp, sc)
+
     def truncate(self, max_nodes: int) -> "TokenTree":
         """Keep the first ``max_nodes`` nodes (still a valid tree: parents precede children)."""
         if len(self) <= max_nodes:

@@ -41,12 +41,9 @@ class SuffixDrafter:
         opts = dict(self.opts, depth=min(self.opts["depth"], budget.max_depth))
         cands, lengths = suffix_candidates(history, history.numel(), **opts)  # [C, L], [C]
         tokens, parents, valid = candidates_to_tree(cands, lengths)  # [C * L] each
-        keep = valid.nonzero().flatten().cpu()  # (the host loop's one transfer)
-        tokens, parents = tokens.cpu()[keep], parents.cpu()[keep]
-        remap = torch.full((valid.numel(),), -1, dtype=torch.long)
-        remap[keep] = torch.arange(keep.numel())
-        parents = torch.where(parents >= 0, remap[parents.clamp(min=0)], -1)
-        return TokenTree(tokens, parents).truncate(budget.max_nodes)
+        # one transfer (the host loop's); invalid nodes' parent entries are arbitrary: root them
+        tokens, parents, valid = torch.stack([tokens, torch.where(valid, parents, -1), valid.long()]).cpu()
+        return TokenTree(tokens, parents).select(valid.nonzero().flatten()).truncate(budget.max_nodes)
 
     def update(self, result: VerifyResult) -> None:
         pass

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import device_loop
 from .adaptive import BudgetController
 from .backends.base import Runner
 from .backends.select import as_runner
@@ -57,6 +58,9 @@ class GenerationStats:
     control_time_s: float = 0.0  # the adaptive controller (on a GPU mostly inside verify_time_s)
     prefill_time_s: float = 0.0
     total_time_s: float = 0.0
+    loop: str = "host"  # "device": the device-resident loop ran the steps (specdec.device_loop)
+    replays: int = 0  # device loop: steps run, those queued past the stop included
+    host_time_s: float = 0.0  # device loop: time the host spent outside waiting for the device
 
     def add(self, step: StepResult) -> None:
         self.steps += 1
@@ -90,7 +94,8 @@ class GenerationStats:
                 "mean_budget": mean(self.budgets), "mean_depth_cap": mean(self.depth_caps),
                 "draft_time_s": self.draft_time_s, "verify_time_s": self.verify_time_s,
                 "update_time_s": self.update_time_s, "control_time_s": self.control_time_s, "prefill_time_s": self.prefill_time_s,
-                "total_time_s": self.total_time_s, "tokens_per_second": self.tokens_per_second}
+                "total_time_s": self.total_time_s, "tokens_per_second": self.tokens_per_second,
+                "loop": self.loop, "replays": self.replays, "host_time_s": self.host_time_s}
 
 
 @dataclass
@@ -168,17 +173,27 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
     drafting = drafter is not None and not isinstance(drafter, NoDrafter)
     controller, choosing = resolve(adaptive, budget, model, drafter if drafting else None, sampling=sp.do_sample)
     cap = budget or (controller.max_budget if choosing else TreeBudget())
-    runner = as_runner(model, backend, prompt.numel() + max_new_tokens + cap.max_nodes + 1)
+    shape = None if isinstance(adaptive, BudgetController) else device_loop.shape_for(drafter, budget)
+    nodes = max(cap.max_nodes, shape.nodes if shape is not None else 0)
+    runner = as_runner(model, backend, prompt.numel() + max_new_tokens + nodes + 1)
     drafter = drafter or NoDrafter()
     _check_inputs(prompt, drafter, runner)
+    own_generator = generator is not None  # the device loop cannot draw from a caller's generator
     if generator is None and seed is not None:
         generator = torch.Generator(device="cpu").manual_seed(seed)
     rules = _Rules(sp, generator, _eos_set(eos_token_id, model),
                    TreeLogitsProcessor(logits_processor) if logits_processor else None, stopping_criteria or None)
 
+    loop = None
+    if shape is not None and max_new_tokens > 0:
+        extra = rules.processor is not None or rules.stopping is not None or sp.has_penalties
+        issue = device_loop.device_loop_issue(runner, sp, extra, own_generator)
+        if issue is None and prompt.numel() + max_new_tokens + shape.rows > runner.max_length:
+            issue = "the context cannot hold a full tree at the last step"
+        loop = None if issue is not None else device_loop.loop_for(runner, shape, sp)
+
     with runner.lock:  # one sequence per cache: concurrent calls on one model take turns
-        plan = BudgetPlan(controller, choosing, budget, runner, model, drafter)
-        stats, history = GenerationStats(), _History(prompt, max_new_tokens, runner, sp)
+        stats = GenerationStats()
         runner.reset()
         drafter.reset(prompt)
         if streamer is not None:
@@ -187,6 +202,13 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
             t0 = time.perf_counter()
             runner.prefill(prompt[:-1].to(runner.device), torch.arange(prompt.numel() - 1, device=runner.device))
             stats.prefill_time_s = time.perf_counter() - t0
+        if loop is not None:
+            try:
+                return _on_device(loop, prompt, max_new_tokens, rules, seed, streamer, stats, t_start)
+            except device_loop.LoopUnavailable as e:  # nothing committed yet: the host loop takes over
+                device_loop.give_up(loop, str(e))
+        plan = BudgetPlan(controller, choosing, budget, runner, model, drafter)
+        history = _History(prompt, max_new_tokens, runner, sp)
         plan.while_verifying(more_steps=max_new_tokens > 0)
         done = max_new_tokens == 0
         while not done:
@@ -214,6 +236,23 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
         stats.control_time_s = plan.control_s
         stats.total_time_s = time.perf_counter() - t_start
         return GenerationOutput(torch.tensor(history.tokens, device=prompt.device)[None], stats)
+
+
+def _on_device(loop: device_loop.DeviceLoop, prompt: torch.Tensor, max_new_tokens: int, rules: _Rules,
+               seed: int | None, streamer, stats: GenerationStats, t_start: float) -> GenerationOutput:
+    """The whole decode in the device-resident loop (``specdec.device_loop``)."""
+    put = None if streamer is None else (lambda toks: streamer.put(torch.tensor(toks)))
+    res = loop.run(prompt, max_new_tokens, rules.eos, seed, on_tokens=put)
+    if streamer is not None:
+        streamer.end()
+    n = loop.shape.nodes
+    stats.steps, stats.new_tokens, stats.accepted_per_step = res.steps, res.new_tokens, res.accepted
+    stats.tree_sizes = stats.budgets = [n] * res.steps
+    stats.depth_caps = [loop.shape.depth] * res.steps
+    stats.verify_time_s, stats.host_time_s, stats.replays = res.wall_s, res.host_s, res.replays
+    stats.loop = "device"
+    stats.total_time_s = time.perf_counter() - t_start
+    return GenerationOutput(torch.tensor(res.tokens, device=prompt.device)[None], stats)
 
 
 def _step(runner: Runner, drafter: Drafter, history: _History, plan: BudgetPlan, budget: TreeBudget,

@@ -38,6 +38,7 @@ from .config import SamplingParams
 from .ops import backend
 from .ops.attention import pack_tree_mask
 from .ops.kv import compact_kv
+from .ops.recycling import recycling_update
 from .ops.suffix_match import candidates_to_tree, suffix_candidates
 from .sampling import NAN_MESSAGE, warp
 
@@ -52,20 +53,33 @@ class LoopUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class LoopShape:
-    """The tree every step of one captured graph verifies (candidates = 0: plain decoding)."""
+    """The tree every step of one captured graph verifies: a suffix trie of ``candidates``
+    x ``depth`` slots and a Token Recycling template (rank paths, ``recycle_k`` ranks kept
+    per token); both empty is plain decoding."""
 
     candidates: int = 0
     depth: int = 0
     max_order: int = 4
     max_scan: int = 64
+    template: tuple[tuple[int, ...], ...] = ()  # recycling paths (TreeTemplate.priority)
+    recycle_k: int = 8
+    keep_adjacency: bool = False  # keep the recycled matrix across calls
+
+    @property
+    def suffix_nodes(self) -> int:
+        return self.candidates * self.depth
 
     @property
     def nodes(self) -> int:
-        return self.candidates * self.depth
+        return self.suffix_nodes + len(self.template)
 
     @property
     def rows(self) -> int:  # the forward's rows: root + slots
         return self.nodes + 1
+
+    @property
+    def max_depth(self) -> int:
+        return max([self.depth if self.suffix_nodes else 0] + [len(p) for p in self.template])
 
 
 @dataclass
@@ -80,24 +94,48 @@ class LoopResult:
 
 
 # ----------------------------------------------------------------------------- one step's pieces
-def tree_rows(tokens: torch.Tensor, parents: torch.Tensor, valid: torch.Tensor, depth: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The candidates' trie (``candidates_to_tree``: [N] each) as verify rows, root first.
-
-    -> (ids [N] (empty slots: 0), parent_row [N] (0 = the root), depth_row [N + 1] (root 0),
-    ancestors [N + 1, N + 1] bool: row i sees row j (j is i or an ancestor of i))."""
-    n, dev = tokens.numel(), tokens.device
+def suffix_slots(tokens: torch.Tensor, parents: torch.Tensor, valid: torch.Tensor, depth: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The candidates' trie (``candidates_to_tree``: [N] each) as verify slots.
+    -> (ids [N] (empty slots: 0), parent_row [N] (0 = the root), depth [N])."""
+    n = tokens.numel()
     ids = torch.where(valid, tokens, 0)
-    parent_row = torch.where(valid, parents, -1) + 1  # [N]
-    depth_row = torch.cat([torch.zeros(1, dtype=torch.long, device=dev),
-                           torch.arange(n, device=dev) % depth + 1])  # [N + 1]
-    link = torch.eye(n + 1, device=dev)
+    parent_row = torch.where(valid, parents, -1) + 1
+    return ids, parent_row, torch.arange(n, device=tokens.device) % depth + 1
+
+
+def recycled_slots(adj: torch.Tensor, root: torch.Tensor, levels, parents: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Token Recycling template expanded from the root on the device, one gather per level.
+    adj [V, k], root [1], levels [((s, e), (parent idx [w], rank [w])), ...] (breadth first),
+    parents [P] -> (tokens [P] (-1: unknown, and below it), parent slot [P] (-1: the root))."""
+    tokens = torch.empty(parents.numel(), dtype=torch.long, device=adj.device)
+    for (s, e), (par, rank) in levels:
+        parent_tok = root.expand(e - s) if s == 0 else tokens[par]
+        tokens[s:e] = torch.where(parent_tok >= 0, adj[parent_tok.clamp(min=0), rank], -1)
+    return tokens, parents
+
+
+def ancestor_rows(parent_row: torch.Tensor, max_depth: int) -> torch.Tensor:
+    """parent_row [M] (0 = the root; parents precede children) -> [M + 1, M + 1] bool:
+    row i sees row j when j is i or one of its ancestors (the root row sees itself)."""
+    m, dev = parent_row.numel(), parent_row.device
+    link = torch.eye(m + 1, device=dev)
     link[1:].scatter_(1, parent_row[:, None], 1.0)  # row i: itself and its parent
     hops = 1
-    while hops < depth:  # squaring doubles the ancestor distance covered
+    while hops < max_depth:  # squaring doubles the ancestor distance covered
         link = (link @ link).clamp_(max=1.0)
         hops *= 2
-    return ids, parent_row, depth_row, link > 0
+    return link > 0
+
+
+def tree_rows(tokens: torch.Tensor, parents: torch.Tensor, valid: torch.Tensor, depth: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The suffix trie as rows, root first: (ids [N], parent_row [N], depth_row [N + 1],
+    ancestors [N + 1, N + 1])."""
+    ids, parent_row, d = suffix_slots(tokens, parents, valid, depth)
+    depth_row = torch.cat([torch.zeros(1, dtype=torch.long, device=ids.device), d])
+    return ids, parent_row, depth_row, ancestor_rows(parent_row, depth)
 
 
 def walk(ids: torch.Tensor, parent_row: torch.Tensor, depth_row: torch.Tensor, ancestors: torch.Tensor,
@@ -153,6 +191,14 @@ class DeviceLoop:
         self.eos = torch.full((8,), -1, dtype=torch.long, device=dev)  # [E] padded with -1
         self.accepted = torch.zeros(runner.max_length + 1, dtype=torch.long, device=dev)  # per live step
         self.generator = torch.Generator(device=dev) if sp.do_sample else None
+        self.adj = None
+        if shape.template:
+            from .drafters.recycling import TreeTemplate
+
+            tpl = TreeTemplate(shape.template)
+            self.adj = torch.full((runner.vocab_size, shape.recycle_k), -1, dtype=torch.long, device=dev)  # [V, k]
+            self._levels = list(zip(tpl.levels, tpl.on(dev)))
+            self._tpl_parents, self._tpl_depth = tpl.parents.to(dev), tpl.depth.to(dev)  # [P] breadth first
         self._root_mask = torch.ones(1, 1, dtype=torch.bool, device=dev)
         self._pack = backend.use_triton(dev)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -162,29 +208,47 @@ class DeviceLoop:
         sh, dev = self.shape, self.device
         start = self.length - 1  # [1] the root's slot == the cache length
         root = self.history.index_select(0, start)  # [1]
-        if sh.nodes:
+        zero = torch.zeros(1, dtype=torch.long, device=dev)
+        ids, parent_row, depth, valid = [root], [], [zero], []  # slots, root row first
+        if sh.suffix_nodes:
             cands, lens = suffix_candidates(self.history, self.length, max_order=sh.max_order,
                                             num_candidates=sh.candidates, depth=sh.depth, max_scan=sh.max_scan)
-            tokens, parents, valid = candidates_to_tree(cands, lens)  # [N] each
-            ids, parent_row, depth_row, ancestors = tree_rows(tokens, parents, valid, sh.depth)
-            inputs = torch.cat([root, ids])  # [N + 1]
+            tokens, parents, ok = candidates_to_tree(cands, lens)  # [N] each
+            i, p, d = suffix_slots(tokens, parents, ok, sh.depth)
+            ids.append(i), parent_row.append(p), depth.append(d), valid.append(ok)
+        if sh.template:
+            tokens, parents = recycled_slots(self.adj, root, self._levels, self._tpl_parents)  # [P]
+            ok = tokens >= 0
+            if sh.suffix_nodes:  # the root's children must differ (one match per choice when sampling)
+                first = torch.where(valid[0] & (depth[1] == 1), ids[1], -2)  # [N]
+                ok &= ~((tokens[:, None] == first[None, :]).any(1) & (self._tpl_depth == 1))
+            off = 1 + sh.suffix_nodes
+            ids.append(tokens.clamp(min=0)), depth.append(self._tpl_depth), valid.append(ok)
+            parent_row.append(torch.where(parents >= 0, parents + off, 0))
+        nodes = sh.nodes
+        inputs, depth_row = torch.cat(ids), torch.cat(depth)  # [R]
+        if nodes:
+            parent_row, valid = torch.cat(parent_row), torch.cat(valid)  # [N]
+            ancestors = ancestor_rows(parent_row, sh.max_depth)  # [R, R]
             mask = ancestors
         else:
-            inputs, depth_row, mask = root, torch.zeros(1, dtype=torch.long, device=dev), self._root_mask
-        positions = start + depth_row  # [N + 1]
+            mask = self._root_mask
+        positions = start + depth_row  # [R]
         mask = pack_tree_mask(mask) if self._pack else mask
         logits = self.model.forward_static(inputs, positions, self.cache, start, mask).float()
-        logits = logits[:, :self.runner.vocab_size]  # [N + 1, V]
-        choice = choose(logits, self.sp, self.generator)  # [N + 1]
+        logits = logits[:, :self.runner.vocab_size]  # [R, V]
+        choice = choose(logits, self.sp, self.generator)  # [R]
         bad = torch.isnan(logits).any() if self.sp.do_sample else torch.isnan(logits.gather(1, choice[:, None])).any()
-        if sh.nodes:
-            accepted, path_rows = walk(ids, parent_row, depth_row, ancestors, valid, choice, sh.depth)
+        if sh.template:  # recycle every row's top-k (rejected nodes too)
+            rows = torch.cat([root, torch.where(valid, inputs[1:], -1)])
+            recycling_update(self.adj, rows, logits.topk(sh.recycle_k, dim=-1).indices)
+        if nodes:
+            accepted, path_rows = walk(inputs[1:], parent_row, depth_row, ancestors, valid, choice, sh.max_depth)
             compact_kv(self.cache.k, self.cache.v, path_rows, accepted + 1, start=start)
-            self.cache.pos.index_copy_(0, start + torch.arange(sh.depth + 1, device=dev), positions[path_rows])
+            self.cache.pos.index_copy_(0, start + torch.arange(sh.max_depth + 1, device=dev), positions[path_rows])
         else:
-            accepted, path_rows = torch.zeros(1, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long,
-                                                                                            device=dev)
-        emitted = choice[path_rows]  # [L + 1]: the accepted tokens, then the bonus
+            accepted, path_rows = zero, zero
+        emitted = choice[path_rows]  # [D + 1]: the accepted tokens, then the bonus
         self._commit(emitted, accepted, bad)
 
     def _commit(self, emitted: torch.Tensor, accepted: torch.Tensor, bad: torch.Tensor) -> None:
@@ -219,6 +283,12 @@ class DeviceLoop:
         self.eos.fill_(-1)
         if eos:
             self.eos[:len(eos)].copy_(torch.tensor(sorted(eos)))
+        if self.adj is not None and not self.shape.keep_adjacency:  # seeded with the prompt's bigrams
+            self.adj.fill_(-1)
+            if n > 1:
+                first = torch.full((n - 1, self.shape.recycle_k), -1, dtype=torch.long, device=self.device)
+                first[:, 0] = self.history[1:n]
+                recycling_update(self.adj, self.history[:n - 1], first)
         if self.generator is not None:
             self.generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
 
@@ -320,22 +390,36 @@ class DeviceLoop:
 
 # ----------------------------------------------------------------------------- choosing it
 def shape_for(drafter, budget) -> LoopShape | None:
-    """The loop shape for this drafter (None: the drafter needs the host loop)."""
+    """The loop shape for this drafter (None: the drafter needs the host loop): no drafter,
+    the suffix drafter, Token Recycling, or the two merged ("suffix+recycling")."""
     from .drafters.base import NoDrafter
+    from .drafters.merged import MergedDrafter
+    from .drafters.recycling import RecyclingDrafter
     from .drafters.suffix import SuffixDrafter
 
     if drafter is None or isinstance(drafter, NoDrafter):
         return LoopShape()
-    if type(drafter) is not SuffixDrafter:
+    parts = drafter.drafters if type(drafter) is MergedDrafter else [drafter]
+    kinds = [type(p) for p in parts]
+    if not parts or len(set(kinds)) != len(kinds) or not set(kinds) <= {SuffixDrafter, RecyclingDrafter}:
         return None
-    o = drafter.opts
-    depth, cands = o["depth"], o["num_candidates"]
-    if budget is not None:
-        depth = min(depth, budget.max_depth)
-        cands = min(cands, max(1, budget.max_nodes // max(1, depth)))
-    if depth <= 0:
-        return LoopShape()
-    return LoopShape(cands, depth, o["max_order"], o["max_scan"])
+    max_nodes = budget.max_nodes if budget is not None else 1 << 30
+    max_depth = budget.max_depth if budget is not None else 1 << 30
+    shape = {}
+    for p in parts:
+        if isinstance(p, SuffixDrafter):
+            o = p.opts
+            depth = min(o["depth"], max_depth)
+            cands = min(o["num_candidates"], max(1, max_nodes // max(1, depth)))
+            if depth > 0:
+                shape.update(candidates=cands, depth=depth, max_order=o["max_order"], max_scan=o["max_scan"])
+        else:
+            if p.accepted_last or not p.seed_prompt:
+                return None  # options the loop does not implement
+            left = max_nodes - shape.get("candidates", 0) * shape.get("depth", 0)
+            tpl = p.template.select(left, max_depth)
+            shape.update(template=tuple(tpl.priority), recycle_k=p.k, keep_adjacency=p.keep_across_prompts)
+    return LoopShape(**shape)
 
 
 def device_loop_issue(runner, sp: SamplingParams, rules_extra: bool, own_generator: bool) -> str | None:
@@ -381,4 +465,4 @@ _REPORTED: set[str] = set()
 
 
 __all__ = ["DeviceLoop", "LoopResult", "LoopUnavailable", "LoopShape", "choose", "device_loop_issue", "loop_for", "shape_for",
-           "tree_rows", "walk"]
+           "tree_rows", "walk", "suffix_slots", "recycled_slots", "ancestor_rows"]

@@ -24,6 +24,16 @@ def _static(model, max_length=256):
     return GraphedCompactRunner(CompactRunner.from_hf(model, max_length=max_length), mode="static")
 
 
+def _recycling(model, nodes: int, suffix: bool = False):
+    from specdec.drafters import make
+    from specdec.drafters.recycling import TreeTemplate
+
+    opts = {"recycling": {"template": TreeTemplate.best_first(nodes, max_depth=4, k=4), "k": 4}}
+    if suffix:
+        return make("suffix+recycling", target=model, suffix={"num_candidates": 2, "depth": 4}, **opts)
+    return make("recycling", target=model, **opts["recycling"])
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_walk_matches_the_host_greedy_acceptance(seed):
     """On random histories and target choices (biased to agree with the drafts), the device
@@ -69,7 +79,8 @@ def test_greedy_decode_on_the_device_loop_is_lossless(family):
     ids = torch.tensor([[1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2]])
     want = hf_greedy(model, ids, 40)
     runner = _static(model)
-    for drafter in (None, SuffixDrafter(num_candidates=3, depth=5), SuffixDrafter(num_candidates=1, depth=1)):
+    for drafter in (None, SuffixDrafter(num_candidates=3, depth=5), SuffixDrafter(num_candidates=1, depth=1),
+                    _recycling(model, 12), _recycling(model, 10, suffix=True)):
         out = specdec.generate(runner, ids, drafter=drafter, max_new_tokens=40)
         assert out.stats.loop == "device"
         assert torch.equal(out.sequences, want)
@@ -152,9 +163,10 @@ def test_choose_samples_the_warped_distribution():
     assert torch.equal(choose(logits[:3], SamplingParams(), None), torch.zeros(3, dtype=torch.long))
 
 
-def test_device_loop_sampling_distribution():
-    """The first two sampled tokens through the loop with suffix drafts (accepted and
-    rejected) follow the target's exact joint distribution."""
+@pytest.mark.parametrize("kind", ["suffix", "suffix+recycling"])
+def test_device_loop_sampling_distribution(kind):
+    """The first two sampled tokens through the loop with suffix (and recycled) drafts,
+    accepted and rejected, follow the target's exact joint distribution."""
     from test_sampling import _exact_first_two
 
     vocab = 5
@@ -165,7 +177,7 @@ def test_device_loop_sampling_distribution():
     sp = SamplingParams(do_sample=True, temperature=0.8, top_p=0.95)
     exact = _exact_first_two(target, ids, sp)
     runner = _static(target, max_length=64)
-    drafter = SuffixDrafter(num_candidates=2, depth=2)
+    drafter = SuffixDrafter(num_candidates=2, depth=2) if kind == "suffix" else _recycling(target, 6, suffix=True)
 
     def counts(n, seed):
         c = torch.zeros(vocab, vocab)

@@ -9,8 +9,10 @@ round with the median time counts with --repeats > 1). Methods:
   on the device and no stop rule (greedy only): the ceiling for plain decoding;
 - ``plain`` / ``plain_host``: ``specdec.generate`` without a drafter, on the device loop /
   with ``SPECDEC_DEVICE_LOOP=0`` (the host loop);
-- ``suffix_CxL`` (each ``--shapes`` entry) / ``suffix_host_CxL`` (the first shape): the
-  suffix drafter (C candidates of up to L tokens) on the device loop / the host loop;
+- ``dev_SPEC`` (each ``--shapes`` entry) / ``host_SPEC`` (the first one): the drafter SPEC on
+  the device loop / the host loop. SPEC: ``CxL`` the suffix drafter (C candidates of up to L
+  tokens), ``rN`` Token Recycling with an N-node best-first template (depth <= 8, k = 8),
+  ``CxL+rN`` both merged;
 - ``--host-drafters`` (default ngram, ngram+recycling): those drafters (host loop).
 
 tok/s is new tokens over the whole call (prefill included), summed over prompts. Greedy
@@ -44,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--per-category", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--shapes", default="4x16,2x8,4x8,8x8,8x16", help="suffix drafter shapes CxL")
+    p.add_argument("--shapes", default="4x8,2x8,4x16,8x16,r32,r64,4x8+r32,4x8+r64",
+                   help="drafters: CxL (suffix), rN (recycling), CxL+rN (both)")
     p.add_argument("--host-drafters", default="ngram,ngram+recycling")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--profile", action="store_true")
@@ -71,11 +74,28 @@ def bare_step(runner, ids: torch.Tensor, max_new: int) -> tuple[list[int], float
     return toks, time.perf_counter() - t0
 
 
+def drafter_for(spec: str, model):
+    """``CxL``, ``rN`` or ``CxL+rN`` (see the module doc) -> a drafter."""
+    from specdec.drafters import make
+    from specdec.drafters.recycling import TreeTemplate
+
+    opts = {}
+    for part in spec.split("+"):
+        if part.startswith("r"):
+            opts["recycling"] = {"template": TreeTemplate.best_first(int(part[1:]), max_depth=8, k=8), "k": 8}
+        else:
+            c, d = (int(x) for x in part.split("x"))
+            opts["suffix"] = {"num_candidates": c, "depth": d}
+    if len(opts) == 2:
+        return make("suffix+recycling", target=model, **opts)
+    (name, o), = opts.items()
+    return make(name, target=model, **o)
+
+
 def main(argv=None) -> int:
     import specdec
     from specdec.backends.select import as_runner
     from specdec.drafters import make
-    from specdec.drafters.suffix import SuffixDrafter
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -89,16 +109,16 @@ def main(argv=None) -> int:
     sampling = args.temperature > 0
     gen_kw = dict(do_sample=sampling, temperature=args.temperature or 1.0, eos_token_id=eos,
                   max_new_tokens=args.max_new_tokens)
-    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
+    shapes = [s for s in args.shapes.split(",") if s]
     methods: dict[str, tuple] = {}
     if not sampling:
         methods["bare_step"] = ("bare", None, True)
     methods["plain"] = ("gen", None, True)
     methods["plain_host"] = ("gen", None, False)
-    for i, (c, d) in enumerate(shapes):
-        methods[f"suffix_{c}x{d}"] = ("gen", SuffixDrafter(num_candidates=c, depth=d), True)
+    for i, spec in enumerate(shapes):
+        methods[f"dev_{spec}"] = ("gen", drafter_for(spec, model), True)
         if i == 0:
-            methods[f"suffix_host_{c}x{d}"] = ("gen", SuffixDrafter(num_candidates=c, depth=d), False)
+            methods[f"host_{spec}"] = ("gen", drafter_for(spec, model), False)
     for name in filter(None, args.host_drafters.split(",")):
         methods[name] = ("gen", make(name, target=model), False)
     runner = as_runner(model, "auto", max(p.prompt_ids.shape[1] for _, p in items) + args.max_new_tokens + 200)
@@ -166,10 +186,10 @@ def main(argv=None) -> int:
 
 
 def profile_call(call, methods, items, device) -> dict:
-    """torch.profiler over one call of the first suffix shape: where host and device time go."""
+    """torch.profiler over one call of the first --shapes drafter: where host and device time go."""
     from torch.profiler import ProfilerActivity, profile
 
-    m = next(k for k in methods if k.startswith("suffix_") and "host" not in k)
+    m = next(k for k in methods if k.startswith("dev_"))
     ids = items[0][1].prompt_ids.to(device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:

@@ -99,4 +99,5 @@ def _dual_drafter(target=None, draft_model=None, **kw):
 
 
 register("ngram+recycling", _merged_drafter)
+register("suffix+recycling", lambda target=None, **kw: _merged_drafter(target, names=("suffix", "recycling"), **kw))
 register("dual", _dual_drafter)

@@ -199,57 +199,76 @@ class DeviceLoop:
             self.adj = torch.full((runner.vocab_size, shape.recycle_k), -1, dtype=torch.long, device=dev)  # [V, k]
             self._levels = list(zip(tpl.levels, tpl.on(dev)))
             self._tpl_parents, self._tpl_depth = tpl.parents.to(dev), tpl.depth.to(dev)  # [P] breadth first
-        self._root_mask = torch.ones(1, 1, dtype=torch.bool, device=dev)
         self._pack = backend.use_triton(dev)
+        self._static_tree()
         self.graph: torch.cuda.CUDAGraph | None = None
+
+    def _static_tree(self) -> None:
+        """What does not change from step to step: every row's depth (so its position
+        offset), the recycled rows' parents, and the ancestor mask of every row but the
+        suffix trie's (the whole mask, packed, when there is no suffix trie)."""
+        sh, dev = self.shape, self.device
+        n_suffix = sh.suffix_nodes
+        depth = [torch.zeros(1, dtype=torch.long)]
+        parent_row = []
+        if n_suffix:
+            depth.append(torch.arange(n_suffix) % sh.depth + 1)
+            parent_row.append(torch.zeros(n_suffix, dtype=torch.long))  # (placeholder: the trie is drafted per step)
+        if sh.template:
+            from .drafters.recycling import TreeTemplate
+
+            tpl = TreeTemplate(sh.template)
+            depth.append(tpl.depth)
+            parent_row.append(torch.where(tpl.parents >= 0, tpl.parents + 1 + n_suffix, 0))
+        self._depth_row = torch.cat(depth).to(dev)  # [R]
+        self._parent_row = torch.cat(parent_row).to(dev) if parent_row else None  # [N]
+        self._ancestors = ancestor_rows(self._parent_row, sh.max_depth) if sh.nodes else \
+            torch.ones(1, 1, dtype=torch.bool, device=dev)  # [R, R] (the suffix block is redone per step)
+        self._packed = pack_tree_mask(self._ancestors) if self._pack else self._ancestors
 
     # --- the step (what the graph captures)
     def step(self) -> None:
         sh, dev = self.shape, self.device
+        n_suffix = sh.suffix_nodes
         start = self.length - 1  # [1] the root's slot == the cache length
         root = self.history.index_select(0, start)  # [1]
-        zero = torch.zeros(1, dtype=torch.long, device=dev)
-        ids, parent_row, depth, valid = [root], [], [zero], []  # slots, root row first
-        if sh.suffix_nodes:
+        ids, valid = [root], []  # root row first
+        parent_row, ancestors, mask = self._parent_row, self._ancestors, self._packed
+        if n_suffix:
             cands, lens = suffix_candidates(self.history, self.length, max_order=sh.max_order,
                                             num_candidates=sh.candidates, depth=sh.depth, max_scan=sh.max_scan)
             tokens, parents, ok = candidates_to_tree(cands, lens)  # [N] each
-            i, p, d = suffix_slots(tokens, parents, ok, sh.depth)
-            ids.append(i), parent_row.append(p), depth.append(d), valid.append(ok)
+            suffix_ids, suffix_parent, _ = suffix_slots(tokens, parents, ok, sh.depth)
+            ids.append(suffix_ids), valid.append(ok)
+            parent_row = torch.cat([suffix_parent, parent_row[n_suffix:]])  # [N + P]
+            ancestors = ancestors.clone()
+            ancestors[:n_suffix + 1, :n_suffix + 1] = ancestor_rows(suffix_parent, sh.depth)
+            mask = pack_tree_mask(ancestors) if self._pack else ancestors
         if sh.template:
-            tokens, parents = recycled_slots(self.adj, root, self._levels, self._tpl_parents)  # [P]
+            tokens, _ = recycled_slots(self.adj, root, self._levels, self._tpl_parents)  # [P]
             ok = tokens >= 0
-            if sh.suffix_nodes:  # the root's children must differ (one match per choice when sampling)
-                first = torch.where(valid[0] & (depth[1] == 1), ids[1], -2)  # [N]
+            if n_suffix:  # the root's children must differ (one match per choice when sampling)
+                first = torch.where(valid[0] & (self._depth_row[1:n_suffix + 1] == 1), ids[1], -2)  # [N]
                 ok &= ~((tokens[:, None] == first[None, :]).any(1) & (self._tpl_depth == 1))
-            off = 1 + sh.suffix_nodes
-            ids.append(tokens.clamp(min=0)), depth.append(self._tpl_depth), valid.append(ok)
-            parent_row.append(torch.where(parents >= 0, parents + off, 0))
-        nodes = sh.nodes
-        inputs, depth_row = torch.cat(ids), torch.cat(depth)  # [R]
-        if nodes:
-            parent_row, valid = torch.cat(parent_row), torch.cat(valid)  # [N]
-            ancestors = ancestor_rows(parent_row, sh.max_depth)  # [R, R]
-            mask = ancestors
-        else:
-            mask = self._root_mask
-        positions = start + depth_row  # [R]
-        mask = pack_tree_mask(mask) if self._pack else mask
-        logits = self.model.forward_static(inputs, positions, self.cache, start, mask).float()
-        logits = logits[:, :self.runner.vocab_size]  # [R, V]
+            ids.append(tokens.clamp(min=0)), valid.append(ok)
+        inputs = torch.cat(ids) if len(ids) > 1 else root  # [R]
+        positions = start + self._depth_row  # [R]
+        logits = self.model.forward_static(inputs, positions, self.cache, start, mask)[:, :self.runner.vocab_size]
+        if self.sp.do_sample:  # [R, V]: fp32 for the warping; greedy reads the model's dtype (same argmax)
+            logits = logits.float()
         choice = choose(logits, self.sp, self.generator)  # [R]
         bad = torch.isnan(logits).any() if self.sp.do_sample else torch.isnan(logits.gather(1, choice[:, None])).any()
+        if not sh.nodes:
+            self._commit(choice, torch.zeros(1, dtype=torch.long, device=dev), bad)
+            return
+        valid = torch.cat(valid)  # [N]
         if sh.template:  # recycle every row's top-k (rejected nodes too)
             rows = torch.cat([root, torch.where(valid, inputs[1:], -1)])
             recycling_update(self.adj, rows, logits.topk(sh.recycle_k, dim=-1).indices)
-        if nodes:
-            accepted, path_rows = walk(inputs[1:], parent_row, depth_row, ancestors, valid, choice, sh.max_depth)
-            compact_kv(self.cache.k, self.cache.v, path_rows, accepted + 1, start=start)
-            self.cache.pos.index_copy_(0, start + torch.arange(sh.max_depth + 1, device=dev), positions[path_rows])
-        else:
-            accepted, path_rows = zero, zero
-        emitted = choice[path_rows]  # [D + 1]: the accepted tokens, then the bonus
-        self._commit(emitted, accepted, bad)
+        accepted, path_rows = walk(inputs[1:], parent_row, self._depth_row, ancestors, valid, choice, sh.max_depth)
+        compact_kv(self.cache.k, self.cache.v, path_rows, accepted + 1, start=start)
+        self.cache.pos.index_copy_(0, start + torch.arange(sh.max_depth + 1, device=dev), positions[path_rows])
+        self._commit(choice[path_rows], accepted, bad)  # [D + 1]: the accepted tokens, then the bonus
 
     def _commit(self, emitted: torch.Tensor, accepted: torch.Tensor, bad: torch.Tensor) -> None:
         """Append emitted[:accepted + 1] to the history, cut at the first EOS and at max_new."""

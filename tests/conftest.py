@@ -21,9 +21,9 @@ def tiny_model(family: str, vocab: int = 96, layers: int = 2, seed: int = 0, **o
     common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     if family == "llama":
-        cfg, cls = tf.LlamaConfig(**common, **over), tf.LlamaForCausalLM
+        cfg, cls = tf.LlamaConfig(**{**common, **over}), tf.LlamaForCausalLM
     elif family == "qwen2":
-        cfg, cls = tf.Qwen2Config(**common, **over), tf.Qwen2ForCausalLM
+        cfg, cls = tf.Qwen2Config(**{**common, **over}), tf.Qwen2ForCausalLM
     elif family == "gemma3":
         common.update(head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"][:layers]
                       + ["sliding_attention"] * max(0, layers - 2))

@@ -205,7 +205,7 @@ def test_device_loop_sampling_distribution(kind):
 def test_graphed_device_loop_matches_transformers_and_never_syncs():
     """On CUDA (fp32) the captured loop equals transformers' greedy output, for plain
     decoding and suffix drafts; a replay makes no host sync."""
-    model = tiny_model("llama", vocab=64).cuda()
+    model = tiny_model("llama", vocab=64, hidden_size=64, intermediate_size=96).cuda()  # head_dim 16
     ids = torch.tensor([[1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2]], device="cuda")
     want = hf_greedy(model, ids, 48)
     for drafter in (None, SuffixDrafter(num_candidates=4, depth=8)):

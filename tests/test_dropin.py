@@ -338,7 +338,7 @@ def test_logits_options_on_the_real_model(smollm2):
 @pytest.mark.parametrize("option", GREEDY)
 def test_logits_options_through_the_fast_runtime_gpu(option):
     """The greedy table on CUDA, where accelerate runs the compact runtime with CUDA graphs."""
-    model = tiny_model("llama").cuda()
+    model = tiny_model("llama", hidden_size=64, intermediate_size=96).cuda()  # head_dim 16, as the kernels' GPU tests
     ids = _repetitive().cuda()
     _, kw, ref = _transformers_with(model, ids, option)
     with warnings.catch_warnings():

@@ -225,7 +225,7 @@ def block_config(n_rows: int, head_dim: int, elem_size: int = 2, device: torch.d
     Two pipeline stages when the prefix is split (one or two key blocks per program),
     three otherwise. Then shrunk (stages, BLOCK_N, BLOCK_M) until the tiles fit shared
     memory."""
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K, N >= 16 (masked past HEAD_DIM)
     long_prefix = prefix_bound is not None and prefix_bound >= 2048
     if n_rows <= 64 or (n_rows <= 512 and (block_d < 128 or not long_prefix)):
         cfg = {"BLOCK_M": 16, "BLOCK_N": 64 if block_d <= 128 else 32, "num_warps": 4}
@@ -310,7 +310,7 @@ def tree_attention_fwd(
         part_lse = torch.empty((num_splits, n, n_heads_q), device=q.device, dtype=torch.float32)
     else:
         part_o, part_lse = out, out  # unused
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = max(16, triton.next_power_of_2(head_dim))
     grid = (triton.cdiv(n_rows, block_m), n_kv_heads, num_splits)
     _tree_attn_fwd_kernel[grid](
         q, k_cache, v_cache, mask_words, query_pos, len_arg,

@@ -69,12 +69,11 @@ def suffix_candidates(history: torch.Tensor,  # [S] int64, the first ``length`` 
     S, dev = history.numel(), history.device
     T = torch.as_tensor(length, device=dev, dtype=torch.long)
     pos = torch.arange(S, device=dev)  # [S] candidate positions p
-    run = (pos >= 1) & (pos < T)
-    m = torch.zeros(S, dtype=torch.long, device=dev)
-    for n in range(1, max_order + 1):
-        suffix_tok = history.index_select(0, (T - n).clamp(min=0).view(1))  # [1] h[T - n] (no .item())
-        run = run & (pos >= n) & (T >= n) & (history[(pos - n).clamp(min=0)] == suffix_tok)
-        m += run.long()
+    n = torch.arange(1, max_order + 1, device=dev)  # [K] match lengths tried
+    suffix_tok = history[(T.view(1) - n).clamp(min=0)]  # [K] h[T - n] (no .item())
+    before = history[(pos[:, None] - n[None, :]).clamp(min=0)]  # [S, K] h[p - n]
+    agree = (before == suffix_tok) & (pos[:, None] >= n) & (T.view(1) >= n)  # [S, K]
+    m = agree.cumprod(1).sum(1) * ((pos >= 1) & (pos < T.view(1)))  # [S] the longest run of agreements
     M = min(max_scan, S)
     score, top = torch.where(m > 0, m * S + pos, -1).topk(M)  # (m desc, p desc); [M]
     scanned = score >= 0

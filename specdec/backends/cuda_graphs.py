@@ -111,6 +111,7 @@ class GraphedCompactRunner(Runner):
         self.disabled_reason: str | None = None
         self.eager_calls: Counter[str] = Counter()  # why calls went to the eager runner
         self._buckets: dict[int, _Bucket] = {}
+        self._all_captured = False
         self._pool = None
         self._start = torch.zeros(1, dtype=torch.long, device=self.device)  # [1] cache length
         self._pack = backend.use_triton(self.device)  # the kernel takes packed masks; the reference unpacks
@@ -164,6 +165,15 @@ class GraphedCompactRunner(Runner):
         self.cache.advance(m)
         out = out[:m]
         return out.clone() if self.clone_outputs else out
+
+    def prefill(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> None:
+        """The prompt, through the bucket graphs when it fits one. The first prefill captures
+        every bucket, so a later prompt of a new length never pays a capture on its request
+        (a capture costs ~0.1-1 s; the first call pays them all once)."""
+        if self.mode == "graph" and not self._all_captured:
+            self.capture()
+            self._all_captured = True
+        self.forward(input_ids, position_ids)
 
     # ------------------------------------------------------------------ extras
     def capture(self, buckets=None) -> list[int]:

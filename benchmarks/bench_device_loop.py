@@ -1,6 +1,6 @@
 """The device-resident loop side by side with the host loop and the bare graphed step.
 
-    python -m tools.sweep_device_loop --model PATH.gguf --dtype bfloat16 --limit 5 --per-category 2
+    python -m benchmarks.bench_device_loop --model PATH.gguf --dtype bfloat16 --limit 5 --per-category 2
 
 One process, one model, the same prompts for every method, interleaved per prompt (the
 round with the median time counts with --repeats > 1). Methods:
@@ -36,7 +36,7 @@ from benchmarks.common import RESULTS_DIR, device_name, environment, fit_prompts
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m tools.sweep_device_loop", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_device_loop", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cuda")
@@ -110,10 +110,9 @@ def main(argv=None) -> int:
     gen_kw = dict(do_sample=sampling, temperature=args.temperature or 1.0, eos_token_id=eos,
                   max_new_tokens=args.max_new_tokens)
     shapes = [s for s in args.shapes.split(",") if s]
-    methods: dict[str, tuple] = {}
+    methods: dict[str, tuple] = {"plain": ("gen", None, True)}
     if not sampling:
         methods["bare_step"] = ("bare", None, True)
-    methods["plain"] = ("gen", None, True)
     methods["plain_host"] = ("gen", None, False)
     for i, spec in enumerate(shapes):
         methods[f"dev_{spec}"] = ("gen", drafter_for(spec, model), True)
@@ -127,7 +126,8 @@ def main(argv=None) -> int:
         kind, drafter, on_device = methods[method]
         if kind == "bare":
             toks, wall = bare_step(runner, ids, max_new or args.max_new_tokens)
-            return {"tokens": toks, "wall": wall, "steps": len(toks), "host": None, "loop": "bare", "replays": len(toks)}
+            return {"tokens": toks, "wall": wall, "steps": len(toks), "host": None, "loop": "bare", "replays": len(toks),
+                    "prefill": None}
         os.environ["SPECDEC_DEVICE_LOOP"] = "1" if on_device else "0"
         kw = dict(gen_kw, max_new_tokens=max_new or args.max_new_tokens)
         sync(device)
@@ -145,13 +145,16 @@ def main(argv=None) -> int:
         call(m, items[0][1].prompt_ids.to(device), 0, 8)
         call(m, items[0][1].prompt_ids.to(device), 0)
     rows = {m: [] for m in methods}
+    first_prefill = []  # the first call on each prompt: its prefill meets the prompt's length first
     for i, (ds, p) in enumerate(items):
         ids = p.prompt_ids.to(device)
+        first_prefill.append(call("plain", ids, 1000 + i, 1)["prefill"])
         runs = {m: [] for m in methods}
         for r in range(args.repeats):
             order = list(methods)[r % len(methods):] + list(methods)[:r % len(methods)]
+            order = ["plain"] + [m for m in order if m != "plain"]  # bare_step decodes as many tokens as plain
             for m in order:
-                runs[m].append(call(m, ids, 1000 + i))
+                runs[m].append(call(m, ids, 1000 + i, len(runs["plain"][-1]["tokens"]) if m == "bare_step" else None))
         for m in methods:
             med = sorted(runs[m], key=lambda x: x["wall"])[len(runs[m]) // 2]
             rows[m].append(dict(med, dataset=ds, id=p.id))
@@ -170,12 +173,16 @@ def main(argv=None) -> int:
                       "steps": steps, "replays": sum(r["replays"] for r in rs),
                       "host_share": (sum(host) / sum(r["wall"] for r in rs if r["host"] is not None)) if host else None,
                       "identical_to_plain": same, "prompts": len(rs)}
+    later = [r["prefill"] for r in rows["plain"]]
+    summary["_prefill"] = {"first_mean_ms": 1e3 * statistics.mean(first_prefill), "first_max_ms": 1e3 * max(first_prefill),
+                           "later_mean_ms": 1e3 * statistics.mean(later), "later_max_ms": 1e3 * max(later)}
     plain = summary["plain"]["tok_s"]
     for m, s in summary.items():
-        s["vs_plain"] = s["tok_s"] / plain
+        if not m.startswith("_"):
+            s["vs_plain"] = s["tok_s"] / plain
 
     profile = profile_call(call, methods, items, device) if args.profile else None
-    env = environment(device, command="python -m tools.sweep_device_loop " + " ".join(argv), argv=argv)
+    env = environment(device, command="python -m benchmarks.bench_device_loop " + " ".join(argv), argv=argv)
     data = {"env": env, "args": vars(args), "summary": summary, "rows": rows, "profile": profile,
             "model": loaded.name}
     md = to_markdown(data, device)
@@ -213,13 +220,20 @@ def to_markdown(data: dict, device) -> str:
              "| method | tok/s | vs plain | tau | steps | replays | host share | identical to plain |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m, s in data["summary"].items():
+        if m.startswith("_"):
+            continue
         host = f"{100 * s['host_share']:.0f}%" if s["host_share"] is not None else "-"
         same = f"{s['identical_to_plain']}/{s['prompts']}" if s["identical_to_plain"] is not None else "-"
         lines.append(f"| {m} | {s['tok_s']:.0f} | {s['vs_plain']:.2f}x | {s['tau']:.2f} | {s['steps']} | "
                      f"{s['replays']} | {host} | {same} |")
     lines += ["", "tok/s: new tokens over whole calls (prefill included). host share: time the host spent "
               "outside waiting for the device, over the call (device loop only). replays: steps run, "
-              "those queued past a stop included. bare_step ignores EOS (always max_new_tokens)."]
+              "those queued past a stop included. bare_step decodes as many tokens as plain did on each "
+              "prompt, with no stop rule and no reads."]
+    pf = data["summary"]["_prefill"]
+    lines += ["", f"Prefill (plain, the prompt minus its last token): first call on each prompt {pf['first_mean_ms']:.1f} ms "
+              f"mean, {pf['first_max_ms']:.1f} ms max; the timed calls after it {pf['later_mean_ms']:.1f} ms mean, "
+              f"{pf['later_max_ms']:.1f} ms max."]
     p = data.get("profile")
     if p:
         lines += ["", f"## Profile of one call ({p['method']})", "",

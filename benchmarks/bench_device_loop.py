@@ -215,7 +215,7 @@ def to_markdown(data: dict, device) -> str:
              f"{'T=' + str(a['temperature']) if a['temperature'] else 'greedy'})", "",
              f"- model: {data['model']}; {a['max_new_tokens']} new tokens; batch 1; datasets {a['datasets']} "
              f"(limit {a['limit']}, Spec-Bench {a['per_category']} per category)",
-             f"- torch {env.get('versions', {}).get('torch')}, commit {env.get('git_commit')}",
+             f"- torch {env.get('versions', {}).get('torch')}, specdec {env.get('versions', {}).get('specdec_commit')}",
              f"- command: `{env.get('command')}`", "",
              "| method | tok/s | vs plain | tau | steps | replays | host share | identical to plain |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]

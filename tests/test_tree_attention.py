@@ -113,6 +113,7 @@ CASES = [
     (128, 0, 2, 1, 64, 50, None),
     (5, 37, 1, 2, 80, 1, 2),  # window 1: each node sees only itself
     (40, 100, 2, 3, 32, None, 8),  # 16-row blocks x 8 splits: 2 with prefix keys, 5 empty, 1 tree-only
+    (9, 30, 2, 2, 8, None, None),  # head dim 8: tl.dot's K and N padded to 16
 ]
 
 

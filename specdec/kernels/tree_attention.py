@@ -77,6 +77,7 @@ def _tree_attn_fwd_kernel(
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs blocks of at least 16")
     tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D must cover the head dim")
+    tl.static_assert(BLOCK_D >= 16, "tl.dot needs K and N of at least 16: pad small head dims")
     pid_m = tl.program_id(0)
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)

@@ -312,15 +312,10 @@ class DeviceLoop:
             self.generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
 
     def replay(self) -> None:
-        if not self.graphed:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
             self.step()
-            return
-        if self.graph is None:
-            try:
-                self._capture()
-            except Exception as e:  # noqa: BLE001 -- any failure: the host loop takes over
-                raise LoopUnavailable(f"capture failed: {type(e).__name__}: {e}") from e
-        self.graph.replay()
 
     def run(self, prompt: torch.Tensor, max_new_tokens: int, eos: set[int], seed: int | None = None,
             on_tokens=None) -> LoopResult:
@@ -330,6 +325,12 @@ class DeviceLoop:
         at the measured tokens per step, so few steps run past the stop."""
         t0 = time.perf_counter()
         self.start(prompt, max_new_tokens, eos, seed)
+        if self.graphed and self.graph is None:
+            try:
+                self._capture()
+            except Exception as e:  # noqa: BLE001 -- any failure: the host loop takes over
+                raise LoopUnavailable(f"capture failed: {type(e).__name__}: {e}") from e
+            self.start(prompt, max_new_tokens, eos, seed)  # the warm-up moved the state and the generator
         n_prompt, S = prompt.numel(), self.history.numel()
         pinned = self.device.type == "cuda"
         free = [(torch.empty(S + 4, dtype=torch.long, pin_memory=pinned),
@@ -379,10 +380,10 @@ class DeviceLoop:
                           wall - waited)
 
     def _capture(self) -> None:
-        """Warm up (Triton compiles; syncs made errors), capture, then restore the state the
-        warm-up advanced: the steps wrote only past the committed length."""
+        """Warm up (Triton compiles; syncs made errors), then capture. The warm-up steps run
+        from the loaded sequence and write only past its committed length; ``run`` loads the
+        sequence again afterwards (counters, recycled matrix, generator seed)."""
         dev = self.device
-        saved = [t.clone() for t in (self.length, self.new, self.steps, self.done, self.bad)]
         torch.cuda.synchronize(dev)
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
@@ -397,8 +398,6 @@ class DeviceLoop:
             torch.cuda.set_sync_debug_mode(previous)
         torch.cuda.current_stream(dev).wait_stream(side)
         torch.cuda.synchronize(dev)
-        for t, s in zip((self.length, self.new, self.steps, self.done, self.bad), saved):
-            t.copy_(s)
         graph = torch.cuda.CUDAGraph()
         if self.generator is not None:
             graph.register_generator_state(self.generator)

@@ -22,7 +22,7 @@ def _accelerated_generate(self, inputs=None, generation_config=None, streamer=No
     rows, stats = [], []
     for b in range(ids.shape[0]):
         prompt = ids[b][mask[b]]
-        out = generate(model._specdec_target, prompt, drafter=model._specdec_drafter(),
+        out = generate(model.__dict__.get("_specdec_target", model), prompt, drafter=model._specdec_drafter(),
                        max_new_tokens=call.max_new_tokens, eos_token_id=call.eos_token_id or None,
                        streamer=streamer, seed=seed, logits_processor=call.processors_for(b),
                        stopping_criteria=call.criteria_for(b), **call.sampling)
@@ -60,7 +60,8 @@ def accelerate(model, drafter=None):
         factory = lambda: drafter  # noqa: E731
     if not hasattr(model, "generate_original"):
         model.generate_original = model.generate
-    model._specdec_target = model
+    # (not ``model._specdec_target = model``: nn.Module would register the model as its own
+    # submodule, and state_dict / to / save_pretrained would recurse forever)
     model._specdec_drafter = factory
     model.generate = types.MethodType(_accelerated_generate, model)
     return model

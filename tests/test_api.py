@@ -107,3 +107,21 @@ def test_streamer_through_generate():
     assert puts[0] == ids[0].tolist() and puts[-1] == "end"
     assert sum(puts[1:-1], []) == out.new_tokens.tolist()
     assert len(puts) - 2 == out.stats.steps  # one put per step (multi-token)
+
+
+def test_accelerated_model_stays_an_ordinary_module():
+    """accelerate must not make the model its own submodule: state_dict, to, deepcopy and
+    named_modules keep working (they recursed forever when the model referenced itself)."""
+    import copy
+
+    import specdec
+    from conftest import tiny_model
+
+    model = tiny_model("llama")
+    before = set(model.state_dict())
+    specdec.accelerate(model)
+    assert set(model.state_dict()) == before
+    assert model.to("cpu") is model
+    assert len(list(model.named_modules())) == len(list(copy.deepcopy(model).named_modules()))
+    ids = torch.tensor([[1, 2, 3, 1, 2]])
+    assert model.generate(ids, max_new_tokens=3).shape == (1, 8)

@@ -147,6 +147,45 @@ def test_a_failed_capture_hands_the_call_to_the_host_loop(capsys):
     assert specdec.generate(runner, ids, max_new_tokens=12).stats.loop == "host"  # not retried
 
 
+def test_nan_logits_raise_and_stops_cut_at_once():
+    """NaN logits raise the engine's error (never silent tokens); an EOS as the first token
+    and max_new_tokens=1 commit exactly one token."""
+    model = tiny_model("llama", vocab=48)
+    ids = torch.tensor([[5, 6, 7, 5, 6, 7, 5]])
+    runner = _static(model)
+    first = int(hf_greedy(model, ids, 1)[0, -1])
+    for drafter in (None, SuffixDrafter(num_candidates=2, depth=3)):
+        out = specdec.generate(runner, ids, drafter=drafter, max_new_tokens=20, eos_token_id=first)
+        assert out.stats.loop == "device" and out.sequences[0, ids.shape[1]:].tolist() == [first]
+        assert specdec.generate(runner, ids, drafter=drafter, max_new_tokens=1).new_tokens.tolist() == [first]
+    broken = tiny_model("llama", vocab=48)
+    with torch.no_grad():
+        broken.lm_head.weight[3, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN"):
+        specdec.generate(_static(broken), ids, drafter=SuffixDrafter(num_candidates=2, depth=3), max_new_tokens=8)
+
+
+def test_drop_in_generate_runs_the_device_loop():
+    """accelerate(model).generate reaches the loop (no processors on the fast path) and
+    matches transformers: greedy exactly; sampling with the model's top_k default stays
+    inside the top k."""
+    import copy
+
+    model = tiny_model("llama", vocab=64)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2]])
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+    fast = specdec.accelerate(copy.deepcopy(model), drafter=lambda: SuffixDrafter(num_candidates=2, depth=4))
+    fast._specdec_target = _static(fast)
+    out = fast.generate(ids, max_new_tokens=16, do_sample=False, return_dict_in_generate=True)
+    assert out.specdec_stats[0].loop == "device" and out.sequences.tolist() == ref.tolist()
+    torch.manual_seed(0)
+    sampled = fast.generate(ids, max_new_tokens=1, do_sample=True, top_k=3, return_dict_in_generate=True)
+    assert sampled.specdec_stats[0].loop == "device"
+    with torch.no_grad():
+        top3 = model(ids).logits[0, -1].topk(3).indices.tolist()
+    assert int(sampled.sequences[0, -1]) in top3
+
+
 def test_choose_samples_the_warped_distribution():
     """Gumbel-max over warped logits draws each token with its processed probability."""
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).repeat(40000, 1)

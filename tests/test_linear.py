@@ -96,3 +96,36 @@ def test_linear_auto_measures_once_and_matches_cublas(monkeypatch):
     torch.cuda.synchronize()
     assert len(linear_ops._choice) == 1
     torch.testing.assert_close(y, F.linear(x, w2))
+
+
+# ----------------------------------------------------------------------------- exact mode (#22)
+def _exact_inputs(m, k=96, n=70, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(t.to(DEVICE, dtype) for t in (torch.randn(m, k, generator=g), torch.randn(n, k, generator=g),
+                                                torch.randn(n, generator=g)))
+
+
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 40])
+def test_linear_rows_kernel_matches_torch(triton_kernels, m):
+    from specdec.ops.linear import linear_exact
+
+    x, w, b = _exact_inputs(m, seed=m)
+    torch.testing.assert_close(linear_exact(x, w, b), torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(linear_exact(x, w), x @ w.T, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if HAS_CUDA else [torch.float32])
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["triton", "ref"])
+def test_linear_exact_rows_do_not_depend_on_the_other_rows(use_kernel, dtype, request):
+    """The exact-mode property: each row's output is bitwise the same whether it is computed
+    alone, in a 40-row call, or in a slice starting elsewhere."""
+    from specdec.ops.linear import linear_exact, linear_exact_ref
+
+    if use_kernel:
+        request.getfixturevalue("triton_kernels")
+    fn = linear_exact if use_kernel else linear_exact_ref
+    x, w, b = _exact_inputs(40, seed=3, dtype=dtype)
+    full = fn(x, w, b)
+    for i in (0, 1, 15, 16, 17, 39):
+        assert torch.equal(fn(x[i:i + 1], w, b)[0], full[i]), i
+    assert torch.equal(fn(x[3:20], w, b), full[3:20])

@@ -172,3 +172,30 @@ def norm_linear(x: torch.Tensor,                # [m, K] the residual stream
     if cfg is None:
         return _unfused(x, delta, norm_weight, eps, offset, weight, bias)
     return _fused(x, delta, norm_weight, eps, offset, weight, bias, cfg)
+
+
+# ----------------------------------------------------------------------------- exact mode (#22)
+def linear_exact(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ weight[N, K]^T (+ bias)`` computed row by row in an order that does not
+    depend on M (``kernels/linear_rows.py``, where ``backend.use_triton``; else
+    ``linear_exact_ref``): a row's result is bitwise the same alone or among many rows.
+    Groundwork for the exact mode of #22; the compact models do not call it yet."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear_exact: need x [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if backend.use_triton(x.device):
+        from ..kernels.linear_rows import linear_rows
+
+        out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+        return linear_rows(x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), out)
+    return linear_exact_ref(x, weight, bias)
+
+
+def linear_exact_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference: each row by its own identical call (fp32 products summed over K), so
+    its result cannot depend on the others. Slow; for tests and CPU."""
+    w = weight.float()
+    rows = [(w * x[i].float()).sum(-1) for i in range(x.shape[0])]  # [N] each
+    y = torch.stack(rows) if rows else x.new_zeros(0, weight.shape[0], dtype=torch.float32)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

@@ -129,3 +129,24 @@ def test_linear_exact_rows_do_not_depend_on_the_other_rows(use_kernel, dtype, re
     for i in (0, 1, 15, 16, 17, 39):
         assert torch.equal(fn(x[i:i + 1], w, b)[0], full[i]), i
     assert torch.equal(fn(x[3:20], w, b), full[3:20])
+
+
+def test_exact_linear_switch_keeps_the_compact_model_right(monkeypatch):
+    """SPECDEC_EXACT_LINEAR=1 routes every projection and the LM head through linear_exact;
+    the compact model still matches transformers, in a prefill and a one-row step."""
+    from conftest import tiny_model
+    from specdec.backends.compact import CompactRunner
+
+    hf = tiny_model("llama", vocab=64)
+    ids = torch.tensor([3, 9, 4, 1, 7, 7, 2])
+    with torch.no_grad():
+        want = hf(ids[None]).logits[0]
+    monkeypatch.setenv("SPECDEC_EXACT_LINEAR", "1")
+    calls = []
+    real = linear_ops.linear_exact
+    monkeypatch.setattr(linear_ops, "linear_exact", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    runner = CompactRunner.from_hf(hf, max_length=32)
+    got = runner.forward(ids[:-1], torch.arange(6))
+    step = runner.forward(ids[-1:], torch.tensor([6]))
+    torch.testing.assert_close(torch.cat([got, step]), want, rtol=1e-4, atol=1e-4)
+    assert 6 in calls and 1 in calls  # both the prefill and the step went through it

@@ -110,8 +110,16 @@ def _one_row(x: torch.Tensor) -> bool:
     return x.dim() == 2 and x.shape[0] == 1
 
 
+def _exact() -> bool:
+    """SPECDEC_EXACT_LINEAR=1: every linear (and norm + linear) runs ``linear_exact`` -- an
+    experiment for #22: how many bf16 mismatches the linear layers alone cause."""
+    return os.environ.get("SPECDEC_EXACT_LINEAR") == "1"
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """[m, K] x [N, K] (+ [N]) -> [m, N], as ``F.linear``."""
+    if _exact() and x.dim() == 2:
+        return linear_exact(x, weight, bias)
     cfg = _config_for(x, weight, bias) if _one_row(x) else None
     if cfg is None:
         return F.linear(x, weight, bias)
@@ -168,7 +176,8 @@ def norm_linear(x: torch.Tensor,                # [m, K] the residual stream
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(linear(rms_norm(x + delta)) [m, N], x + delta [m, K] (x when delta is None)): for
     one row possibly one fused kernel, otherwise ``ops.norm`` then ``linear`` as before."""
-    cfg = _norm_config_for(x, delta, norm_weight, eps, offset, weight, bias) if _one_row(x) else None
+    cfg = _norm_config_for(x, delta, norm_weight, eps, offset, weight, bias) if _one_row(x) and not _exact() \
+        else None
     if cfg is None:
         return _unfused(x, delta, norm_weight, eps, offset, weight, bias)
     return _fused(x, delta, norm_weight, eps, offset, weight, bias, cfg)

@@ -132,7 +132,7 @@ def test_linear_exact_rows_do_not_depend_on_the_other_rows(use_kernel, dtype, re
 
 
 def test_exact_linear_switch_keeps_the_compact_model_right(monkeypatch):
-    """SPECDEC_EXACT_LINEAR=1 routes every projection and the LM head through linear_exact;
+    """SPECDEC_EXACT=linear routes every projection and the LM head through linear_exact;
     the compact model still matches transformers, in a prefill and a one-row step."""
     from conftest import tiny_model
     from specdec.backends.compact import CompactRunner
@@ -141,7 +141,7 @@ def test_exact_linear_switch_keeps_the_compact_model_right(monkeypatch):
     ids = torch.tensor([3, 9, 4, 1, 7, 7, 2])
     with torch.no_grad():
         want = hf(ids[None]).logits[0]
-    monkeypatch.setenv("SPECDEC_EXACT_LINEAR", "1")
+    monkeypatch.setenv("SPECDEC_EXACT", "linear")
     calls = []
     real = linear_ops.linear_exact
     monkeypatch.setattr(linear_ops, "linear_exact", lambda *a: calls.append(a[0].shape[0]) or real(*a))

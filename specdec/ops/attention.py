@@ -24,6 +24,7 @@ Shapes, for one layer and one sequence (the fast runtime's static KV cache):
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +149,53 @@ def tree_attention_ref(
     out = F.scaled_dot_product_attention(qg, k_cache[:, :L + n], v_cache[:, :L + n],
                                          attn_mask=visible.repeat(group, 1), scale=scale)
     return out.reshape(hkv, group, n, d).permute(2, 0, 1, 3).reshape(n, hq, d)
+
+
+def tree_attention_exact_ref(
+    q: torch.Tensor,  # [n, Hq, D]
+    k_cache: torch.Tensor,  # [Hkv, S_max, D]
+    v_cache: torch.Tensor,  # [Hkv, S_max, D]
+    prefix_len: int | torch.Tensor,
+    tree_mask: torch.Tensor | None,  # [n, n] bool or packed; None = causal over the n new tokens
+    *,
+    query_pos: torch.Tensor | None = None,  # [n] int
+    window: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:  # [n, Hq, D]
+    """Row-invariant attention (#22's exact mode): every node attends on its own, to its keys
+    in position order -- the cached prefix, then its tree ancestors by depth, then itself --
+    by the same operations a one-token step at that position runs. So a node's output in an
+    n-node verify is bitwise its output as a one-token step once its ancestors are cached
+    (given bitwise-equal K/V). One row at a time: the reference and CPU path; slow."""
+    n, hq, d = q.shape
+    if tree_mask is None:
+        tree_mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    _check(q, k_cache, v_cache, prefix_len, tree_mask, window)
+    hkv = k_cache.shape[0]
+    L = int(prefix_len)
+    mask = _as_bool_mask(tree_mask, n).to(q.device)
+    qpos = (tree_query_positions(mask, L) if query_pos is None else query_pos).to(q.device, torch.int64)
+    scale = d ** -0.5 if scale is None else scale
+    out = torch.empty_like(q)
+    for r in range(n):
+        rows = mask[r].nonzero().flatten()  # its ancestors and itself, in depth order
+        slots = torch.cat([torch.arange(L, device=q.device), L + rows])  # [keys] in position order
+        kpos = torch.cat([torch.arange(L, device=q.device), qpos[rows]])
+        if window is not None:
+            keep = qpos[r] - kpos < window
+            slots, kpos = slots[keep], kpos[keep]
+        k, v = k_cache[:, slots].float(), v_cache[:, slots].float()  # [Hkv, keys, D]
+        qr = q[r].float().view(hkv, hq // hkv, d)  # [Hkv, G, D]
+        p = torch.softmax((qr @ k.transpose(1, 2)) * scale, dim=-1)  # [Hkv, G, keys]
+        out[r] = (p @ v).reshape(hq, d).to(q.dtype)
+    return out
+
+
+def exact_mode() -> str:
+    """SPECDEC_EXACT: "1" -- row-invariant linear layers and attention (#22's exact mode, CPU
+    reference only for now); "linear" -- the linear layers only; else off."""
+    mode = os.environ.get("SPECDEC_EXACT", "0")
+    return mode if mode in ("1", "linear") else "0"
 
 
 def tree_attention(

@@ -111,9 +111,9 @@ def _one_row(x: torch.Tensor) -> bool:
 
 
 def _exact() -> bool:
-    """SPECDEC_EXACT_LINEAR=1: every linear (and norm + linear) runs ``linear_exact`` -- an
-    experiment for #22: how many bf16 mismatches the linear layers alone cause."""
-    return os.environ.get("SPECDEC_EXACT_LINEAR") == "1"
+    """SPECDEC_EXACT=1 or =linear (``ops.attention.exact_mode``): every linear (and norm +
+    linear) runs ``linear_exact`` (#22; =linear measures what the linear layers alone change)."""
+    return os.environ.get("SPECDEC_EXACT") in ("1", "linear")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

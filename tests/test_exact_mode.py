@@ -1,0 +1,55 @@
+"""#22's exact mode (SPECDEC_EXACT=1), CPU reference path: a node's logits in an n-node
+verify are bitwise its logits as a one-token step once its ancestors are cached."""
+import pytest
+import torch
+from conftest import tiny_model
+
+from specdec.backends.compact import CompactRunner
+from specdec.ops import attention as attn
+from specdec.tree import TokenTree
+
+
+def _ancestors(parents: list[int], i: int) -> list[int]:
+    path = []
+    while i >= 0:
+        path.append(i)
+        i = parents[i]
+    return path[::-1]
+
+
+@pytest.mark.parametrize("family,dtype", [("llama", torch.bfloat16), ("llama", torch.float32),
+                                          ("gemma3", torch.bfloat16)])
+def test_verify_rows_equal_one_token_steps_bitwise(monkeypatch, family, dtype):
+    monkeypatch.setenv("SPECDEC_EXACT", "1")
+    model = tiny_model(family, vocab=64).to(dtype)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 64, (9,), generator=g)
+    parents = [-1, 0, 0, 1, 3, 2, -1, 6, 4, 8]
+    tokens = torch.randint(0, 64, (len(parents),), generator=g)
+    tree = TokenTree(tokens, torch.tensor(parents))
+    _, mask = tree.with_root()  # [n + 1, n + 1]
+    runner = CompactRunner.from_hf(model, max_length=64)
+    L = prompt.numel() - 1
+    runner.prefill(prompt[:-1], torch.arange(L))
+    inp = torch.cat([prompt[-1:], tokens])
+    pos = L + torch.cat([torch.zeros(1, dtype=torch.long), tree.depth])
+    verify = runner.forward(inp, pos, tree_mask=mask)  # [n + 1, V]
+    for i in [-1] + list(range(len(parents))):  # the root, then every node
+        runner.reset()
+        runner.prefill(prompt[:-1], torch.arange(L))
+        path = [prompt[-1]] + ([tokens[j] for j in _ancestors(parents, i)] if i >= 0 else [])
+        for d, tok in enumerate(path):
+            step = runner.forward(torch.tensor([int(tok)]), torch.tensor([L + d]))
+        assert torch.equal(step[0], verify[i + 1]), (i, (step[0] - verify[i + 1]).abs().max())
+
+
+def test_exact_attention_matches_the_reference_attention():
+    g = torch.Generator().manual_seed(1)
+    n, L, hkv, G, D = 6, 11, 2, 2, 16
+    q = torch.randn(n, hkv * G, D, generator=g)
+    k, v = torch.randn(hkv, 32, D, generator=g), torch.randn(hkv, 32, D, generator=g)
+    mask = TokenTree(torch.zeros(n, dtype=torch.long), torch.tensor([-1, 0, 0, 1, -1, 4])).ancestor_mask
+    for window in (None, 3):
+        want = attn.tree_attention_ref(q, k, v, L, mask, window=window)
+        got = attn.tree_attention_exact_ref(q, k, v, L, mask, window=window)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -20,27 +20,38 @@ def _ancestors(parents: list[int], i: int) -> list[int]:
 @pytest.mark.parametrize("family,dtype", [("llama", torch.bfloat16), ("llama", torch.float32),
                                           ("gemma3", torch.bfloat16)])
 def test_verify_rows_equal_one_token_steps_bitwise(monkeypatch, family, dtype):
+    _check_bitwise(monkeypatch, family, dtype)
+
+
+def _check_bitwise(monkeypatch, family, dtype, dev="cpu", **model_kw):
     monkeypatch.setenv("SPECDEC_EXACT", "1")
-    model = tiny_model(family, vocab=64).to(dtype)
+    model = tiny_model(family, vocab=64, **model_kw).to(dev, dtype)
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, 64, (9,), generator=g)
+    prompt = torch.randint(0, 64, (9,), generator=g).to(dev)
     parents = [-1, 0, 0, 1, 3, 2, -1, 6, 4, 8]
-    tokens = torch.randint(0, 64, (len(parents),), generator=g)
-    tree = TokenTree(tokens, torch.tensor(parents))
+    tokens = torch.randint(0, 64, (len(parents),), generator=g).to(dev)
+    tree = TokenTree(tokens.cpu(), torch.tensor(parents))
     _, mask = tree.with_root()  # [n + 1, n + 1]
     runner = CompactRunner.from_hf(model, max_length=64)
     L = prompt.numel() - 1
-    runner.prefill(prompt[:-1], torch.arange(L))
+    runner.prefill(prompt[:-1], torch.arange(L, device=dev))
     inp = torch.cat([prompt[-1:], tokens])
-    pos = L + torch.cat([torch.zeros(1, dtype=torch.long), tree.depth])
-    verify = runner.forward(inp, pos, tree_mask=mask)  # [n + 1, V]
+    pos = L + torch.cat([torch.zeros(1, dtype=torch.long), tree.depth]).to(dev)
+    verify = runner.forward(inp, pos, tree_mask=mask.to(dev))  # [n + 1, V]
     for i in [-1] + list(range(len(parents))):  # the root, then every node
         runner.reset()
-        runner.prefill(prompt[:-1], torch.arange(L))
+        runner.prefill(prompt[:-1], torch.arange(L, device=dev))
         path = [prompt[-1]] + ([tokens[j] for j in _ancestors(parents, i)] if i >= 0 else [])
         for d, tok in enumerate(path):
-            step = runner.forward(torch.tensor([int(tok)]), torch.tensor([L + d]))
+            step = runner.forward(torch.tensor([int(tok)], device=dev), torch.tensor([L + d], device=dev))
         assert torch.equal(step[0], verify[i + 1]), (i, (step[0] - verify[i + 1]).abs().max())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_verify_rows_equal_one_token_steps_bitwise_gpu(monkeypatch, dtype):
+    _check_bitwise(monkeypatch, "llama", dtype, "cuda", hidden_size=64, intermediate_size=96)
 
 
 def test_exact_attention_matches_the_reference_attention():
@@ -74,3 +85,23 @@ def test_real_smollm2_bf16_speculative_equals_plain_in_exact_mode(smollm2, monke
                                adaptive=False)
         assert out.sequences.tolist() == plain.sequences.tolist(), name
         assert out.stats.steps < 24  # drafts were accepted: the verify ran many-node trees
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_exact_attention_kernel_matches_its_reference(triton_kernels, window):
+    g = torch.Generator().manual_seed(2)
+    n, L, hkv, G, D = 7, 37, 2, 3, 24
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q = torch.randn(n, hkv * G, D, generator=g).to(dev)
+    k, v = torch.randn(hkv, 64, D, generator=g).to(dev), torch.randn(hkv, 64, D, generator=g).to(dev)
+    mask = TokenTree(torch.zeros(n, dtype=torch.long), torch.tensor([-1, 0, 0, 1, -1, 4, 3])).ancestor_mask.to(dev)
+    for m, start in ((mask, L), (attn.pack_tree_mask(mask), torch.tensor([L], device=dev)), (None, L)):
+        want = attn.tree_attention_exact_ref(q, k, v, L, m, window=window)
+        got = attn.tree_attention_exact(q, k, v, start, m, window=window)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_mode_through_the_triton_kernels_is_bitwise_too(triton_kernels, monkeypatch, dtype):
+    """The same property with every op on its Triton kernel (the interpreter on CPU)."""
+    test_verify_rows_equal_one_token_steps_bitwise(monkeypatch, "llama", dtype)

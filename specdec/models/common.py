@@ -219,8 +219,8 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     entries (mask_start < length) or soft-cap logits use the dense path below, which
     reads every key's recorded position."""
     if attn_ops.exact_mode() == "1" and softcap is None and meta.prefix_len == meta.start:
-        return attn_ops.tree_attention_exact_ref(q, k_cache, v_cache, meta.start, meta.tree_mask,
-                                                 query_pos=meta.query_pos, window=window, scale=scale)
+        return attn_ops.tree_attention_exact(q, k_cache, v_cache, meta.start, meta.tree_mask,
+                                             query_pos=meta.query_pos, window=window, scale=scale)
     if meta.slots is not None:  # graph-safe: the prefix length lives on the device
         if softcap is not None:
             raise ValueError("graph-safe forward: attention logit soft-capping needs the dense path, "

@@ -191,9 +191,44 @@ def tree_attention_exact_ref(
     return out
 
 
+def tree_attention_exact(
+    q: torch.Tensor,  # [n, Hq, D]
+    k_cache: torch.Tensor,  # [Hkv, S_max, D]
+    v_cache: torch.Tensor,  # [Hkv, S_max, D]
+    prefix_len: int | torch.Tensor,
+    tree_mask: torch.Tensor | None,  # [n, n] bool or packed; None = causal over the n new tokens
+    *,
+    query_pos: torch.Tensor | None = None,  # [n] int
+    window: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:  # [n, Hq, D]
+    """``tree_attention_exact_ref``'s rule on the device: the Triton kernel
+    (``kernels/tree_attention_exact.py``) where ``backend.use_triton``; no host sync when
+    ``prefix_len`` is a device tensor (CUDA-graph safe)."""
+    n, hq, d = q.shape
+    if not backend.use_triton(q.device):
+        return tree_attention_exact_ref(q, k_cache, v_cache, prefix_len, tree_mask, query_pos=query_pos,
+                                        window=window, scale=scale)
+    from ..kernels import tree_attention_exact as kernel
+
+    mask = (torch.ones(n, n, dtype=torch.bool, device=q.device).tril() if tree_mask is None
+            else _as_bool_mask(tree_mask, n).to(q.device))
+    if isinstance(prefix_len, torch.Tensor):
+        start = prefix_len.reshape(-1)[:1].to(q.device, torch.int64)
+    else:
+        start = torch.full((1,), int(prefix_len), dtype=torch.int64, device=q.device)
+    cols = torch.arange(n, device=q.device)
+    anc = torch.where(mask, cols, n).sort(dim=1).values.to(torch.int32).contiguous()  # [n, n] rows in order
+    cnt = mask.sum(1).to(torch.int32)  # [n]
+    qpos = (tree_query_positions(mask, start) if query_pos is None else query_pos).to(q.device, torch.int64)
+    out = torch.empty_like(q)
+    return kernel.tree_attention_exact(q, k_cache, v_cache, start, anc, cnt, qpos.contiguous(), out,
+                                       d ** -0.5 if scale is None else scale, window)
+
+
 def exact_mode() -> str:
-    """SPECDEC_EXACT: "1" -- row-invariant linear layers and attention (#22's exact mode, CPU
-    reference only for now); "linear" -- the linear layers only; else off."""
+    """SPECDEC_EXACT: "1" -- row-invariant linear layers and attention (#22's exact mode);
+    "linear" -- the linear layers only; else off."""
     mode = os.environ.get("SPECDEC_EXACT", "0")
     return mode if mode in ("1", "linear") else "0"
 

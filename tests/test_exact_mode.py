@@ -105,3 +105,22 @@ def test_exact_attention_kernel_matches_its_reference(triton_kernels, window):
 def test_exact_mode_through_the_triton_kernels_is_bitwise_too(triton_kernels, monkeypatch, dtype):
     """The same property with every op on its Triton kernel (the interpreter on CPU)."""
     test_verify_rows_equal_one_token_steps_bitwise(monkeypatch, "llama", dtype)
+
+
+def test_device_loop_in_exact_mode_equals_plain_decoding_in_bf16(monkeypatch):
+    """bf16, the device loop on a static runner: speculative output (suffix + recycled trees of
+    up to 33 rows) is token-identical to plain decoding in the exact mode."""
+    import specdec
+    from specdec.backends.cuda_graphs import GraphedCompactRunner
+    from specdec.drafters.recycling import TreeTemplate
+
+    monkeypatch.setenv("SPECDEC_EXACT", "1")
+    model = tiny_model("llama", vocab=64).to(torch.bfloat16)
+    runner = GraphedCompactRunner(CompactRunner.from_hf(model, max_length=128), mode="static")
+    ids = torch.tensor([[1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2]])
+    plain = specdec.generate(runner, ids, max_new_tokens=24)
+    drafter = specdec.drafters.make("suffix+recycling", target=model, suffix={"num_candidates": 2, "depth": 4},
+                                    recycling={"template": TreeTemplate.best_first(24, max_depth=4, k=4), "k": 4})
+    out = specdec.generate(runner, ids, drafter=drafter, max_new_tokens=24)
+    assert out.stats.loop == "device" and plain.stats.loop == "device"
+    assert out.stats.steps < 24 and torch.equal(out.sequences, plain.sequences)

@@ -129,15 +129,6 @@ def ancestor_rows(parent_row: torch.Tensor, max_depth: int) -> torch.Tensor:
     return link > 0
 
 
-def tree_rows(tokens: torch.Tensor, parents: torch.Tensor, valid: torch.Tensor, depth: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The suffix trie as rows, root first: (ids [N], parent_row [N], depth_row [N + 1],
-    ancestors [N + 1, N + 1])."""
-    ids, parent_row, d = suffix_slots(tokens, parents, valid, depth)
-    depth_row = torch.cat([torch.zeros(1, dtype=torch.long, device=ids.device), d])
-    return ids, parent_row, depth_row, ancestor_rows(parent_row, depth)
-
-
 def walk(ids: torch.Tensor, parent_row: torch.Tensor, depth_row: torch.Tensor, ancestors: torch.Tensor,
          valid: torch.Tensor, choice: torch.Tensor, max_depth: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Follow the target's choices from the root. ids/parent_row/valid [N], depth_row [N + 1],
@@ -191,7 +182,7 @@ class DeviceLoop:
         self.eos = torch.full((8,), -1, dtype=torch.long, device=dev)  # [E] padded with -1
         self.accepted = torch.zeros(runner.max_length + 1, dtype=torch.long, device=dev)  # per live step
         self.generator = torch.Generator(device=dev) if sp.do_sample else None
-        self.adj = None
+        self.adj, tpl = None, None
         if shape.template:
             from .drafters.recycling import TreeTemplate
 
@@ -200,10 +191,13 @@ class DeviceLoop:
             self._levels = list(zip(tpl.levels, tpl.on(dev)))
             self._tpl_parents, self._tpl_depth = tpl.parents.to(dev), tpl.depth.to(dev)  # [P] breadth first
         self._pack = backend.use_triton(dev)
-        self._static_tree()
+        self._static_tree(tpl)
+        pinned = dev.type == "cuda"  # two snapshot buffers (history + 4 counters), each with its event
+        self._snapshots = [(torch.empty(S + 4, dtype=torch.long, pin_memory=pinned),
+                            torch.cuda.Event() if pinned else None) for _ in range(2)]
         self.graph: torch.cuda.CUDAGraph | None = None
 
-    def _static_tree(self) -> None:
+    def _static_tree(self, tpl) -> None:
         """What does not change from step to step: every row's depth (so its position
         offset), the recycled rows' parents, and the ancestor mask of every row but the
         suffix trie's (the whole mask, packed, when there is no suffix trie)."""
@@ -214,10 +208,7 @@ class DeviceLoop:
         if n_suffix:
             depth.append(torch.arange(n_suffix) % sh.depth + 1)
             parent_row.append(torch.zeros(n_suffix, dtype=torch.long))  # (placeholder: the trie is drafted per step)
-        if sh.template:
-            from .drafters.recycling import TreeTemplate
-
-            tpl = TreeTemplate(sh.template)
+        if tpl is not None:
             depth.append(tpl.depth)
             parent_row.append(torch.where(tpl.parents >= 0, tpl.parents + 1 + n_suffix, 0))
         self._depth_row = torch.cat(depth).to(dev)  # [R]
@@ -331,10 +322,9 @@ class DeviceLoop:
             except Exception as e:  # noqa: BLE001 -- any failure: the host loop takes over
                 raise LoopUnavailable(f"capture failed: {type(e).__name__}: {e}") from e
             self.start(prompt, max_new_tokens, eos, seed)  # the warm-up moved the state and the generator
-        n_prompt, S = prompt.numel(), self.history.numel()
+        n_prompt = prompt.numel()
         pinned = self.device.type == "cuda"
-        free = [(torch.empty(S + 4, dtype=torch.long, pin_memory=pinned),
-                 torch.cuda.Event() if pinned else None) for _ in range(2)]
+        free = list(self._snapshots)
         pending: list[tuple[torch.Tensor, object, int]] = []  # (snapshot, event, steps) oldest first
         queued, seen, waited, tau, done = 0, n_prompt, 0.0, 1.0, max_new_tokens <= 0
         snap = free[0][0]  # the latest snapshot read
@@ -483,4 +473,4 @@ _REPORTED: set[str] = set()
 
 
 __all__ = ["DeviceLoop", "LoopResult", "LoopUnavailable", "LoopShape", "choose", "device_loop_issue", "loop_for", "shape_for",
-           "tree_rows", "walk", "suffix_slots", "recycled_slots", "ancestor_rows"]
+           "walk", "suffix_slots", "recycled_slots", "ancestor_rows"]

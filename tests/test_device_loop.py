@@ -13,11 +13,17 @@ import specdec
 from specdec.backends.compact import CompactRunner
 from specdec.backends.cuda_graphs import GraphedCompactRunner
 from specdec.config import SamplingParams
-from specdec.device_loop import choose, tree_rows, walk
+from specdec.device_loop import ancestor_rows, choose, suffix_slots, walk
 from specdec.drafters.suffix import SuffixDrafter
 from specdec.ops.accept import greedy_accept
 from specdec.ops.suffix_match import candidates_to_tree, suffix_candidates
 from specdec.tree import TokenTree
+
+
+def tree_rows(tokens, parents, valid, depth):
+    """The suffix trie as rows, root first, as the loop's step builds them."""
+    ids, parent_row, d = suffix_slots(tokens, parents, valid, depth)
+    return ids, parent_row, torch.cat([torch.zeros(1, dtype=torch.long), d]), ancestor_rows(parent_row, depth)
 
 
 def _static(model, max_length=256):

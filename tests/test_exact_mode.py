@@ -9,14 +9,6 @@ from specdec.ops import attention as attn
 from specdec.tree import TokenTree
 
 
-def _ancestors(parents: list[int], i: int) -> list[int]:
-    path = []
-    while i >= 0:
-        path.append(i)
-        i = parents[i]
-    return path[::-1]
-
-
 @pytest.mark.parametrize("family,dtype", [("llama", torch.bfloat16), ("llama", torch.float32),
                                           ("gemma3", torch.bfloat16)])
 def test_verify_rows_equal_one_token_steps_bitwise(monkeypatch, family, dtype):
@@ -41,7 +33,7 @@ def _check_bitwise(monkeypatch, family, dtype, dev="cpu", **model_kw):
     for i in [-1] + list(range(len(parents))):  # the root, then every node
         runner.reset()
         runner.prefill(prompt[:-1], torch.arange(L, device=dev))
-        path = [prompt[-1]] + ([tokens[j] for j in _ancestors(parents, i)] if i >= 0 else [])
+        path = [prompt[-1]] + ([tokens[j] for j in tree.path_to(i)] if i >= 0 else [])
         for d, tok in enumerate(path):
             step = runner.forward(torch.tensor([int(tok)], device=dev), torch.tensor([L + d], device=dev))
         assert torch.equal(step[0], verify[i + 1]), (i, (step[0] - verify[i + 1]).abs().max())

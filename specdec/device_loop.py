@@ -14,9 +14,9 @@ State on the device (one sequence)::
     done [1] bool, new [1] int64 (tokens generated), steps [1] int64 (live steps),
     accepted [max_steps] int64 (drafted tokens kept per live step), bad [1] bool (NaN seen)
 
-A step over a tree of N = C * L slots (C candidates of up to L tokens; N = 0 is plain
-decoding) runs the target on the root and every slot: a slot the trie leaves empty gets
-token 0, hangs off the root and can never be accepted. Acceptance walks from the root:
+A step over a tree of N slots (a suffix trie of C candidates x L tokens and/or a Token
+Recycling template; N = 0 is plain decoding) runs the target on the root and every slot: a
+slot left empty gets token 0 and can never be accepted. Acceptance walks from the root:
 a child is taken when its token equals the target's choice at its parent (argmax when
 greedy; when sampling, a sample of the processed distribution by Gumbel-max with fresh
 noise per row). That walk emits exactly the tokens plain decoding would (greedy) or

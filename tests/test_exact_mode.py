@@ -46,6 +46,49 @@ def test_verify_rows_equal_one_token_steps_bitwise_gpu(monkeypatch, dtype):
     _check_bitwise(monkeypatch, "llama", dtype, "cuda", hidden_size=64, intermediate_size=96)
 
 
+def _random_tree(n: int, g: torch.Generator) -> TokenTree:
+    """n nodes; node i's parent is uniform over the root (-1) and nodes 0..i-1."""
+    parents = [int(torch.randint(-1, i, (1,), generator=g)) if i else -1 for i in range(n)]
+    return TokenTree(torch.zeros(n, dtype=torch.long), torch.tensor(parents))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 17, 31, 64, 100, 128])
+def test_random_tree_rows_equal_one_token_steps_bitwise_gpu(monkeypatch, n):
+    """bf16 on the GPU at SmolLM2's width (hidden 576, 9/3 heads, FFN 1536; 2 layers): in a
+    random n-node verify, each of up to 12 sampled nodes (the deepest always among them) has
+    bitwise the logits of one-token steps along its path."""
+    monkeypatch.setenv("SPECDEC_EXACT", "1")
+    dev, vocab = "cuda", 4096
+    model = tiny_model("llama", vocab=vocab, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                       num_key_value_heads=3).to(dev, torch.bfloat16)
+    g = torch.Generator().manual_seed(n)
+    tree = _random_tree(n, g)
+    tokens = torch.randint(0, vocab, (n,), generator=g)
+    tree = TokenTree(tokens, tree.parents)
+    prompt = torch.randint(0, vocab, (37,), generator=g).to(dev)
+    runner = CompactRunner.from_hf(model, max_length=256)
+    L = prompt.numel() - 1
+
+    def fresh():
+        runner.reset()
+        runner.prefill(prompt[:-1], torch.arange(L, device=dev))
+
+    fresh()
+    _, mask = tree.with_root()
+    pos = L + torch.cat([torch.zeros(1, dtype=torch.long), tree.depth]).to(dev)
+    verify = runner.forward(torch.cat([prompt[-1:], tokens.to(dev)]), pos, tree_mask=mask.to(dev))  # [n + 1, V]
+    deepest = int(tree.depth.argmax())
+    picks = sorted({-1, deepest, *torch.randperm(n, generator=g)[:10].tolist()})
+    for i in picks:
+        fresh()
+        path = [int(prompt[-1])] + ([int(tokens[j]) for j in tree.path_to(i)] if i >= 0 else [])
+        for d, tok in enumerate(path):
+            step = runner.forward(torch.tensor([tok], device=dev), torch.tensor([L + d], device=dev))
+        assert torch.equal(step[0], verify[i + 1]), (n, i, (step[0].float() - verify[i + 1].float()).abs().max())
+
+
 def test_exact_attention_matches_the_reference_attention():
     g = torch.Generator().manual_seed(1)
     n, L, hkv, G, D = 6, 11, 2, 2, 16

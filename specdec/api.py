@@ -25,7 +25,7 @@ def _accelerated_generate(self, inputs=None, generation_config=None, streamer=No
         out = generate(model.__dict__.get("_specdec_target", model), prompt, drafter=model._specdec_drafter(),
                        max_new_tokens=call.max_new_tokens, eos_token_id=call.eos_token_id or None,
                        streamer=streamer, seed=seed, logits_processor=call.processors_for(b),
-                       stopping_criteria=call.criteria_for(b), **call.sampling)
+                       stopping_criteria=call.criteria_for(b), exact=model._specdec_exact, **call.sampling)
         rows.append(torch.cat([ids[b], out.new_tokens.to(ids.device)]))
         stats.append(out.stats)
     width = max(r.numel() for r in rows)
@@ -42,14 +42,15 @@ def _accelerated_generate(self, inputs=None, generation_config=None, streamer=No
     return seqs
 
 
-def accelerate(model, drafter=None):
+def accelerate(model, drafter=None, exact: bool | None = None):
     """Return ``model`` with ``.generate`` replaced by specdec's lossless speculative decoding.
 
     ``drafter`` is a Drafter instance (reused across calls) or a zero-argument factory.
     The original method stays available as ``model.generate_original``. Stats (one per
     batch row): ``out.specdec_stats`` with ``return_dict_in_generate=True`` (per call, safe
     with threads), and the last call's in ``model.specdec_stats``. Concurrent calls on one
-    model are safe: on CUDA they share one static cache and take turns (a lock per runner)."""
+    model are safe: on CUDA they share one static cache and take turns (a lock per runner).
+    ``exact``: the exact mode (``specdec.generate``'s ``exact``; None: its default)."""
     from .drafters.base import NoDrafter
 
     if drafter is None:
@@ -63,6 +64,7 @@ def accelerate(model, drafter=None):
     # (not ``model._specdec_target = model``: nn.Module would register the model as its own
     # submodule, and state_dict / to / save_pretrained would recurse forever)
     model._specdec_drafter = factory
+    model._specdec_exact = exact
     model.generate = types.MethodType(_accelerated_generate, model)
     return model
 

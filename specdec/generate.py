@@ -149,7 +149,7 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
              seed: int | None = None, generator: torch.Generator | None = None,
              budget: TreeBudget | None = None, backend: str = "auto",
              adaptive: bool | BudgetController = True, logits_processor=None,
-             stopping_criteria=None) -> GenerationOutput:
+             stopping_criteria=None, exact: bool | None = None) -> GenerationOutput:
     """Lossless speculative decoding of one sequence.
 
     ``model``: a transformers causal LM (or a specdec Runner); ``drafter`` proposes token
@@ -162,7 +162,11 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
     ``budget`` pins it (with a controller given, caps it). ``logits_processor``: transformers
     logits processors applied to every tree node with that node's own context as
     ``input_ids`` (before specdec's penalties and warping; ``specdec.node_processors``);
-    ``stopping_criteria``: checked after every committed token (nothing after a stop is kept)."""
+    ``stopping_criteria``: checked after every committed token (nothing after a stop is kept).
+    ``exact`` (compact runtime): every verify row computes bitwise what a one-token step
+    computes, so greedy output equals plain decoding in bf16 / fp16 too (``ops.exact``;
+    None: on for bf16 / fp16 on CUDA, off in fp32 and on CPU; ``SPECDEC_EXACT`` overrides
+    the default; docs/exact_mode.md gives the cost)."""
     t_start = time.perf_counter()
     if max_new_tokens is None or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -175,7 +179,7 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
     cap = budget or (controller.max_budget if choosing else TreeBudget())
     shape = None if isinstance(adaptive, BudgetController) else device_loop.shape_for(drafter, budget)
     nodes = max(cap.max_nodes, shape.nodes if shape is not None else 0)
-    runner = as_runner(model, backend, prompt.numel() + max_new_tokens + nodes + 1)
+    runner = as_runner(model, backend, prompt.numel() + max_new_tokens + nodes + 1, exact)
     drafter = drafter or NoDrafter()
     _check_inputs(prompt, drafter, runner)
     own_generator = generator is not None  # the device loop cannot draw from a caller's generator

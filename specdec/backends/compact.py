@@ -8,16 +8,20 @@ from __future__ import annotations
 import torch
 
 from ..models import CompactModel, load_compact
+from ..ops import exact as exact_ops
 from .base import Runner
 
 DEFAULT_MAX_LENGTH = 4096  # cache capacity when the caller gives none (capped by the model)
 
 
 class CompactRunner(Runner):
-    def __init__(self, model: CompactModel, *, max_length: int | None = None):
+    def __init__(self, model: CompactModel, *, max_length: int | None = None, exact: bool | str | None = None):
         """``max_length``: cache capacity in tokens (prompt + generated + one draft tree);
-        defaults to min(model context, DEFAULT_MAX_LENGTH)."""
+        defaults to min(model context, DEFAULT_MAX_LENGTH). ``exact``: the exact mode of #22
+        (``ops.exact.resolve``; None: on for bf16 / fp16 on CUDA, else off): every row of a
+        verify computes bitwise what a one-token step computes."""
         self.model = model
+        model.exact = exact_ops.resolve(exact, model.dtype, model.device)
         cap = model.max_position_embeddings
         self.max_length = min(cap, max_length if max_length is not None else DEFAULT_MAX_LENGTH)
         self.vocab_size = model.vocab_size
@@ -25,10 +29,16 @@ class CompactRunner(Runner):
         self.cache = model.new_cache(self.max_length)
 
     @classmethod
-    def from_hf(cls, hf_model, *, max_length: int | None = None) -> CompactRunner | None:
+    def from_hf(cls, hf_model, *, max_length: int | None = None, exact: bool | str | None = None
+                ) -> CompactRunner | None:
         """A runner sharing ``hf_model``'s weights, or None if the architecture is not covered."""
         model = load_compact(hf_model)
-        return None if model is None else cls(model, max_length=max_length)
+        return None if model is None else cls(model, max_length=max_length, exact=exact)
+
+    @property
+    def exact(self) -> str:
+        """The exact mode its forwards run in: "on", "off" or "linear"."""
+        return self.model.exact
 
     @property
     def length(self) -> int:

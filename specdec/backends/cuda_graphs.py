@@ -134,6 +134,11 @@ class GraphedCompactRunner(Runner):
     def length(self) -> int:
         return self.runner.length
 
+    @property
+    def exact(self) -> str:
+        """The wrapped runner's exact mode (``CompactRunner.exact``)."""
+        return self.runner.exact
+
     def reset(self) -> None:
         self.runner.reset()
 

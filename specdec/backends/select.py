@@ -6,6 +6,7 @@ import weakref
 
 import torch
 
+from ..ops import exact as exact_ops
 from .base import Runner
 from .generic import HFRunner
 
@@ -15,14 +16,17 @@ KEPT_RUNNERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakK
 _FALLBACKS: set[str] = set()
 
 
-def as_runner(model, backend: str, capacity: int) -> Runner:
-    """A Runner for ``model`` with room for ``capacity`` positions.
+def as_runner(model, backend: str, capacity: int, exact: bool | str | None = None) -> Runner:
+    """A Runner for ``model`` with room for ``capacity`` positions, in the exact mode
+    ``exact`` (``ops.exact.resolve``; only the compact runtime has one: an explicit request
+    elsewhere is an error).
 
     "auto": on CUDA the compact static-cache runtime replayed from CUDA graphs ("graphs")
     when the architecture is supported, else the generic transformers backend (one log line
     says why); on CPU the generic backend. "compact": the compact runtime, eager. "graphs":
     the compact runtime from CUDA graphs. "generic": transformers' own forward."""
     if isinstance(model, Runner):
+        _check_exact(model, exact)
         return model
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected a transformers causal LM or a specdec Runner, got {type(model).__name__}")
@@ -36,22 +40,23 @@ def as_runner(model, backend: str, capacity: int) -> Runner:
     if backend == "auto":
         backend = "graphs" if param.device.type == "cuda" else "generic"
     if backend == "generic":
-        return HFRunner(model)
+        return _check_exact(HFRunner(model), exact)
+    mode = exact_ops.resolve(exact, param.dtype, param.device)
     kept = KEPT_RUNNERS.setdefault(model, {})
-    key = (backend, param.device, param.dtype)
+    key = (backend, param.device, param.dtype, mode)
     runner = kept.get(key)
     if runner is None or runner.max_length < min(capacity, runner.model.max_position_embeddings):
         from ..models import unsupported_reason
         from .compact import DEFAULT_MAX_LENGTH, CompactRunner
 
-        compact = CompactRunner.from_hf(model, max_length=max(capacity, DEFAULT_MAX_LENGTH))
+        compact = CompactRunner.from_hf(model, max_length=max(capacity, DEFAULT_MAX_LENGTH), exact=mode)
         if compact is None:
             reason = unsupported_reason(model)
             if requested != "auto":
                 raise ValueError(f"backend={backend!r} does not support this model: {reason}; "
                                  "use backend='generic'")
             _note_fallback(model, reason)
-            return HFRunner(model)
+            return _check_exact(HFRunner(model), exact)
         if backend == "graphs":
             from .cuda_graphs import GraphedCompactRunner
 
@@ -60,6 +65,20 @@ def as_runner(model, backend: str, capacity: int) -> Runner:
             runner = compact
         kept.clear()  # one static cache per model at a time
         kept[key] = runner
+    return runner
+
+
+def _check_exact(runner: Runner, exact: bool | str | None) -> Runner:
+    """An explicit ``exact`` the runner does not run in is an error, not a silent downgrade."""
+    if exact is None:
+        return runner
+    want = exact_ops.resolve(exact, torch.float32, "cpu")
+    have = getattr(runner, "exact", "off")
+    if want != have:
+        how = ("build it with CompactRunner.from_hf(model, exact=...)" if hasattr(runner, "exact") else
+               "only the compact runtime (backend='compact' or 'graphs', supported architectures) has an exact mode")
+        raise ValueError(f"exact={exact!r} asked for, but this {type(runner).__name__} runs with exact mode "
+                         f"{have!r}: {how}, or leave exact=None")
     return runner
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..ops import activation as act_ops
 from ..ops import attention as attn_ops
+from ..ops import exact
 from ..ops import linear as linear_ops
 from ..ops import norm as norm_ops
 from .kv_cache import StaticKVCache
@@ -218,7 +219,7 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     whenever the cache holds exactly the committed tokens. Forwards that mask cached
     entries (mask_start < length) or soft-cap logits use the dense path below, which
     reads every key's recorded position."""
-    if attn_ops.exact_mode() == "1" and softcap is None and meta.prefix_len == meta.start:
+    if exact.mode() == "on" and softcap is None and meta.prefix_len == meta.start:
         return attn_ops.tree_attention_exact(q, k_cache, v_cache, meta.start, meta.tree_mask,
                                              query_pos=meta.query_pos, window=window, scale=scale)
     if meta.slots is not None:  # graph-safe: the prefix length lives on the device
@@ -270,6 +271,7 @@ class CompactModel(nn.Module):
 
     model_types: ClassVar[tuple[str, ...]] = ()
     final_softcap: float | None = None
+    exact: str | None = None  # the exact mode its forwards run in (``ops.exact``; its runner sets it)
 
     def __init__(self, config):
         super().__init__()
@@ -316,7 +318,8 @@ class CompactModel(nn.Module):
         m tokens' K/V at cache slots [length, length + m); see AttnMeta for masking."""
         start = cache.reserve(positions)
         meta = AttnMeta(start, positions, cache.pos[:start + positions.shape[0]], tree_mask, mask_start)
-        logits = self._run(input_ids, positions, cache, meta)
+        with exact.scope(self.exact):
+            logits = self._run(input_ids, positions, cache, meta)
         cache.advance(positions.shape[0])
         return logits
 
@@ -336,7 +339,8 @@ class CompactModel(nn.Module):
         slots = start + torch.arange(input_ids.shape[0], device=start.device)  # [m] int64
         cache.pos.index_copy_(0, slots, positions)
         meta = AttnMeta(start, positions, None, tree_mask, None, slots=slots)
-        return self._run(input_ids, positions, cache, meta)
+        with exact.scope(self.exact):
+            return self._run(input_ids, positions, cache, meta)
 
     def fuse_projections(self, share_with: nn.Module | None = None) -> None:
         """Fuse each layer's q/k/v and gate/up projections into one GEMM each (see

@@ -24,7 +24,6 @@ Shapes, for one layer and one sequence (the fast runtime's static KV cache):
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -224,13 +223,6 @@ def tree_attention_exact(
     out = torch.empty_like(q)
     return kernel.tree_attention_exact(q, k_cache, v_cache, start, anc, cnt, qpos.contiguous(), out,
                                        d ** -0.5 if scale is None else scale, window)
-
-
-def exact_mode() -> str:
-    """SPECDEC_EXACT: "1" -- row-invariant linear layers and attention (#22's exact mode);
-    "linear" -- the linear layers only; else off."""
-    mode = os.environ.get("SPECDEC_EXACT", "0")
-    return mode if mode in ("1", "linear") else "0"
 
 
 def tree_attention(

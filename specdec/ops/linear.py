@@ -25,7 +25,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import backend
+from . import backend, exact
 from . import norm as norm_ops
 
 log = logging.getLogger("specdec")
@@ -111,9 +111,9 @@ def _one_row(x: torch.Tensor) -> bool:
 
 
 def _exact() -> bool:
-    """SPECDEC_EXACT=1 or =linear (``ops.attention.exact_mode``): every linear (and norm +
-    linear) runs ``linear_exact`` (#22; =linear measures what the linear layers alone change)."""
-    return os.environ.get("SPECDEC_EXACT") in ("1", "linear")
+    """The exact mode ("on", or "linear": the linear layers alone; ``ops.exact``): every
+    linear (and norm + linear) runs ``linear_exact``."""
+    return exact.mode() != "off"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -187,8 +187,8 @@ def norm_linear(x: torch.Tensor,                # [m, K] the residual stream
 def linear_exact(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ weight[N, K]^T (+ bias)`` computed row by row in an order that does not
     depend on M (``kernels/linear_rows.py``, where ``backend.use_triton``; else
-    ``linear_exact_ref``): a row's result is bitwise the same alone or among many rows.
-    Groundwork for the exact mode of #22; the compact models do not call it yet."""
+    ``linear_exact_ref``): a row's result is bitwise the same alone or among many rows
+    (the exact mode, ``ops.exact``)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_exact: need x [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
     if backend.use_triton(x.device):

@@ -109,15 +109,14 @@ def test_real_smollm2_bf16_speculative_equals_plain_in_exact_mode(smollm2, monke
     import specdec
 
     model, tok = smollm2
-    monkeypatch.setenv("SPECDEC_EXACT", "1")
+    monkeypatch.delenv("SPECDEC_EXACT", raising=False)
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    runner = CompactRunner.from_hf(bf16, max_length=256)
     ids = tok.apply_chat_template([{"role": "user", "content": "Summarize in two sentences why the sky is blue."}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-    plain = specdec.generate(runner, ids, max_new_tokens=24)
+    plain = specdec.generate(bf16, ids, max_new_tokens=24, backend="compact", exact=True)
     for name in ("ngram", "suffix"):
-        out = specdec.generate(runner, ids, drafter=specdec.drafters.make(name, target=bf16), max_new_tokens=24,
-                               adaptive=False)
+        out = specdec.generate(bf16, ids, drafter=specdec.drafters.make(name, target=bf16), max_new_tokens=24,
+                               adaptive=False, backend="compact", exact=True)
         assert out.sequences.tolist() == plain.sequences.tolist(), name
         assert out.stats.steps < 24  # drafts were accepted: the verify ran many-node trees
 
@@ -159,3 +158,60 @@ def test_device_loop_in_exact_mode_equals_plain_decoding_in_bf16(monkeypatch):
     out = specdec.generate(runner, ids, drafter=drafter, max_new_tokens=24)
     assert out.stats.loop == "device" and plain.stats.loop == "device"
     assert out.stats.steps < 24 and torch.equal(out.sequences, plain.sequences)
+
+
+def test_exact_mode_defaults_and_overrides(monkeypatch):
+    from specdec.ops import exact
+
+    monkeypatch.delenv("SPECDEC_EXACT", raising=False)
+    assert exact.resolve(None, torch.bfloat16, "cuda") == "on"
+    assert exact.resolve(None, torch.float16, "cuda:0") == "on"
+    assert exact.resolve(None, torch.float32, "cuda") == "off"
+    assert exact.resolve(None, torch.bfloat16, "cpu") == "off"
+    assert exact.resolve(True, torch.float32, "cpu") == "on" and exact.resolve(False, torch.bfloat16, "cuda") == "off"
+    monkeypatch.setenv("SPECDEC_EXACT", "0")
+    assert exact.resolve(None, torch.bfloat16, "cuda") == "off" and exact.mode() == "off"
+    with exact.scope("on"):
+        assert exact.mode() == "on"
+        with exact.scope(None):
+            assert exact.mode() == "on"
+    assert exact.mode() == "off"
+    monkeypatch.setenv("SPECDEC_EXACT", "yes")
+    with pytest.raises(ValueError, match="SPECDEC_EXACT"):
+        exact.mode()
+    with pytest.raises(ValueError, match="exact must be"):
+        exact.resolve("sometimes", torch.float32, "cpu")
+
+
+def test_generate_exact_option_bf16_speculative_equals_plain(monkeypatch):
+    """``generate(exact=True)`` on the compact runtime, bf16 on CPU, no environment variable:
+    the runner runs in the exact mode (a runner per mode is kept) and the speculative output
+    equals plain decoding token for token."""
+    import specdec
+
+    monkeypatch.delenv("SPECDEC_EXACT", raising=False)
+    model = tiny_model("llama", vocab=64).to(torch.bfloat16)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2]])
+    plain = specdec.generate(model, ids, max_new_tokens=20, backend="compact", exact=True)
+    out = specdec.generate(model, ids, drafter=specdec.drafters.make("ngram"), max_new_tokens=20,
+                           backend="compact", exact=True)
+    assert torch.equal(out.sequences, plain.sequences)
+    from specdec.backends.select import as_runner
+
+    assert as_runner(model, "compact", 64, exact=True).exact == "on"
+    assert as_runner(model, "compact", 64).exact == "off"  # the default on CPU
+
+
+def test_exact_option_where_it_cannot_be_honoured_is_an_error(monkeypatch):
+    import specdec
+    from specdec.backends.compact import CompactRunner
+
+    monkeypatch.delenv("SPECDEC_EXACT", raising=False)
+    model = tiny_model("llama", vocab=64)
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="only the compact runtime"):
+        specdec.generate(model, ids, max_new_tokens=2, backend="generic", exact=True)
+    runner = CompactRunner.from_hf(model, max_length=32, exact=False)
+    with pytest.raises(ValueError, match=r"exact mode 'off'.*CompactRunner.from_hf"):
+        specdec.generate(runner, ids, max_new_tokens=2, exact=True)
+    assert specdec.generate(runner, ids, max_new_tokens=2, exact=False).new_tokens.numel() == 2

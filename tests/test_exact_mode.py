@@ -89,6 +89,50 @@ def test_random_tree_rows_equal_one_token_steps_bitwise_gpu(monkeypatch, n):
         assert torch.equal(step[0], verify[i + 1]), (n, i, (step[0].float() - verify[i + 1].float()).abs().max())
 
 
+def _exact_ref(q, k, v, L: int, tree_mask, window):
+    """One sequence's tree through the packed reference: prefix at slots [0, L), nodes after it."""
+    n = q.shape[0]
+    mask = torch.ones(n, n, dtype=torch.bool).tril() if tree_mask is None else attn._as_bool_mask(tree_mask, n)
+    anc, cnt = attn.ancestor_lists(mask.cpu())
+    qpos = L + mask.sum(1).cpu() - 1
+    return attn.packed_attention_exact_ref(q, k, v, torch.tensor([0]), torch.tensor([L]), anc, cnt,
+                                           L + torch.arange(n), qpos, window=window)
+
+
+def test_packed_exact_attention_kernel_matches_its_reference(triton_kernels):
+    """A ragged batch in one flat cache: 3 sequences (prefixes of 5, 40 and 0 keys at their own
+    bases) with trees of 3, 1 and 4 nodes packed into 8 query rows, rows in mixed order."""
+    g = torch.Generator().manual_seed(5)
+    hkv, G, D, S = 2, 2, 16, 64
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    k, v = torch.randn(hkv, 3 * S, D, generator=g), torch.randn(hkv, 3 * S, D, generator=g)
+    seq = torch.tensor([1, 0, 2, 0, 2, 0, 2, 2])  # each query row's sequence
+    pre_len = torch.tensor([5, 40, 0])[seq]
+    pre_base = torch.tensor([0, S, 2 * S])[seq]
+    # ancestors (query rows, depth order): seq 0 = rows 1, 3, 5 (3 and 5 children of 1), seq 1 = row 0,
+    # seq 2 = rows 2, 4, 6, 7 (a chain 2 -> 4 -> 6 and 7 a child of 4)
+    lists = {0: [0], 1: [1], 3: [1, 3], 5: [1, 5], 2: [2], 4: [2, 4], 6: [2, 4, 6], 7: [2, 4, 7]}
+    anc = torch.full((8, 3), 8, dtype=torch.int32)
+    for r, a in lists.items():
+        anc[r, :len(a)] = torch.tensor(a)
+    cnt = torch.tensor([len(lists[r]) for r in range(8)], dtype=torch.int32)
+    written = {1: 0, 3: 1, 5: 2, 0: 0, 2: 0, 4: 1, 6: 2, 7: 3}  # index among its sequence's new tokens
+    slots = torch.tensor([int(pre_base[r] + pre_len[r]) + written[r] for r in range(8)])
+    qpos = pre_len + cnt.long() - 1
+    q = torch.randn(8, hkv * G, D, generator=g)
+    for window in (None, 4):
+        want = attn.packed_attention_exact_ref(q, k, v, pre_base, pre_len, anc, cnt, slots, qpos, window=window)
+        got = attn.packed_attention_exact(*(t.to(dev) for t in (q, k, v, pre_base, pre_len, anc, cnt, slots, qpos)),
+                                          window=window)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+        perm = torch.tensor([5, 2, 7, 0, 3, 6, 1, 4])  # the same rows packed in another order
+        inv = torch.argsort(perm)
+        anc_p = torch.where(anc[perm] < 8, inv[anc[perm].long().clamp(max=7)], 8).to(torch.int32)
+        moved = attn.packed_attention_exact(*(t.to(dev) for t in (q[perm], k, v, pre_base[perm], pre_len[perm], anc_p,
+                                                                  cnt[perm], slots[perm], qpos[perm])), window=window)
+        assert torch.equal(moved[inv].cpu(), got.cpu())  # bitwise: a row's result ignores its neighbours
+
+
 def test_exact_attention_matches_the_reference_attention():
     g = torch.Generator().manual_seed(1)
     n, L, hkv, G, D = 6, 11, 2, 2, 16
@@ -97,7 +141,7 @@ def test_exact_attention_matches_the_reference_attention():
     mask = TokenTree(torch.zeros(n, dtype=torch.long), torch.tensor([-1, 0, 0, 1, -1, 4])).ancestor_mask
     for window in (None, 3):
         want = attn.tree_attention_ref(q, k, v, L, mask, window=window)
-        got = attn.tree_attention_exact_ref(q, k, v, L, mask, window=window)
+        got = _exact_ref(q, k, v, L, mask, window)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -130,7 +174,7 @@ def test_exact_attention_kernel_matches_its_reference(triton_kernels, window):
     k, v = torch.randn(hkv, 64, D, generator=g).to(dev), torch.randn(hkv, 64, D, generator=g).to(dev)
     mask = TokenTree(torch.zeros(n, dtype=torch.long), torch.tensor([-1, 0, 0, 1, -1, 4, 3])).ancestor_mask.to(dev)
     for m, start in ((mask, L), (attn.pack_tree_mask(mask), torch.tensor([L], device=dev)), (None, L)):
-        want = attn.tree_attention_exact_ref(q, k, v, L, m, window=window)
+        want = _exact_ref(q, k, v, L, m, window)
         got = attn.tree_attention_exact(q, k, v, start, m, window=window)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

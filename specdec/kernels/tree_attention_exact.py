@@ -1,12 +1,15 @@
-"""Row-invariant tree attention for the exact mode (#22): each program is one query row and
-one KV head; it reads that row's keys in position order -- the cached prefix, then its
-tree ancestors by depth (``anc``: the rows its mask sets, in order), then itself -- in
-fixed blocks of BLOCK_N keys counted from position 0, with one online softmax and no
-split. A one-token step at the same position reads the same keys (its ancestors are
-cached by then) in the same blocks, so the two outputs are bitwise equal whenever the
-keys and values are. Dot products are elementwise products summed over the head dim
-(the GQA group shares the key loads); no tensor cores: this path trades speed for
-exactness. The reference is ``ops.attention.tree_attention_exact_ref``.
+"""Row-invariant tree attention for the exact mode (#22) and the ragged batch (#23).
+
+Each program is one query row and one KV head. The row reads its keys in position order --
+its sequence's cached prefix (``plen[r]`` keys from slot ``pbase[r]``), then its tree
+ancestors by depth (``anc[r]``: indices of query rows, whose K/V this forward wrote at
+``slots``), then itself -- in fixed blocks of BLOCK_N keys counted from position 0, with one
+online softmax and no split. A one-token step at the same position reads the same keys in
+the same blocks, so the two outputs are bitwise equal whenever the keys and values are; and
+a row's result does not depend on which other rows (trees, or other sequences of a batch
+packed into one forward) share the launch. Dot products are elementwise products summed
+over the head dim (the GQA group shares the key loads); no tensor cores: this path trades
+speed for exactness. The reference is ``ops.attention.packed_attention_exact_ref``.
 """
 import triton
 import triton.language as tl
@@ -15,8 +18,8 @@ BLOCK_N = 32  # keys per block, counted from position 0: fixed, whatever the tre
 
 
 @triton.jit
-def _exact_attn_kernel(q_ptr, k_ptr, v_ptr, out_ptr, start_ptr, anc_ptr, cnt_ptr, qpos_ptr,
-                       s_qm, s_qh, s_kh, s_ks, s_om, s_oh, s_am, scale, window,
+def _exact_attn_kernel(q_ptr, k_ptr, v_ptr, out_ptr, pbase_ptr, plen_ptr, anc_ptr, cnt_ptr, slot_ptr, qpos_ptr,
+                       s_qm, s_qh, s_kh, s_ks, s_om, s_oh, s_am, s_pb, s_pl, scale, window,
                        G: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr,
                        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     r = tl.program_id(0)  # query row
@@ -27,7 +30,8 @@ def _exact_attn_kernel(q_ptr, k_ptr, v_ptr, out_ptr, start_ptr, anc_ptr, cnt_ptr
     g_ok, d_ok = offs_g < G, offs_d < HEAD_DIM
     q = tl.load(q_ptr + r * s_qm + (h * G + offs_g)[:, None] * s_qh + offs_d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BG, BD]
-    L = tl.load(start_ptr)
+    base = tl.load(pbase_ptr + r * s_pb)  # first slot of this row's prefix
+    L = tl.load(plen_ptr + r * s_pl)  # its length
     n_keys = L + tl.load(cnt_ptr + r)
     qpos = tl.load(qpos_ptr + r)
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
@@ -39,8 +43,8 @@ def _exact_attn_kernel(q_ptr, k_ptr, v_ptr, out_ptr, start_ptr, anc_ptr, cnt_ptr
         t = t0 + offs_n  # key index in position order
         ok = t < n_keys
         in_tree = t >= L
-        row = tl.load(anc_ptr + r * s_am + (t - L), mask=ok & in_tree, other=0)  # the ancestor's tree row
-        slot = tl.where(in_tree, L + row, t)
+        row = tl.load(anc_ptr + r * s_am + (t - L), mask=ok & in_tree, other=0)  # the ancestor's query row
+        slot = tl.where(in_tree, tl.load(slot_ptr + row, mask=ok & in_tree, other=0), base + t)
         if HAS_WINDOW:
             kpos = tl.where(in_tree, tl.load(qpos_ptr + row, mask=ok & in_tree, other=0), t)
             ok = ok & (qpos - kpos < window)
@@ -62,16 +66,19 @@ def _exact_attn_kernel(q_ptr, k_ptr, v_ptr, out_ptr, start_ptr, anc_ptr, cnt_ptr
              o.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
 
 
-def tree_attention_exact(q, k_cache, v_cache, start, anc, cnt, query_pos, out, scale: float, window):
-    """q [m, Hq, D], k/v_cache [Hkv, S, D] (unit stride on D), start [1] int64, anc [m, m] int32
-    (each row's tree ancestors and itself, in order; padding past cnt), cnt [m] int32,
-    query_pos [m] int64, out like q."""
+def packed_attention_exact(q, k_cache, v_cache, pre_base, pre_len, anc, cnt, slots, query_pos, out,
+                           scale: float, window):
+    """q [m, Hq, D], k/v_cache [Hkv, S, D] (unit stride on D); per query row: pre_base and
+    pre_len [m] or [1] int64 (one value for every row: stride 0), anc [m, A] int32 (query
+    rows of its tree ancestors and itself, in depth order; padding past cnt), cnt [m] int32;
+    slots [m] int64 (where each query row's K/V was written), query_pos [m] int64; out like q."""
     m, hq, d = q.shape
     hkv = k_cache.shape[0]
     group = hq // hkv
     _exact_attn_kernel[(m, hkv)](
-        q, k_cache, v_cache, out, start, anc, cnt, query_pos,
+        q, k_cache, v_cache, out, pre_base, pre_len, anc, cnt, slots, query_pos,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1), anc.stride(0),
+        0 if pre_base.numel() == 1 else pre_base.stride(0), 0 if pre_len.numel() == 1 else pre_len.stride(0),
         float(scale), int(window) if window is not None else 0,
         G=group, HEAD_DIM=d, HAS_WINDOW=window is not None, BLOCK_G=max(2, triton.next_power_of_2(group)),
         BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=BLOCK_N, num_warps=4)

@@ -150,44 +150,76 @@ def tree_attention_ref(
     return out.reshape(hkv, group, n, d).permute(2, 0, 1, 3).reshape(n, hq, d)
 
 
-def tree_attention_exact_ref(
-    q: torch.Tensor,  # [n, Hq, D]
-    k_cache: torch.Tensor,  # [Hkv, S_max, D]
-    v_cache: torch.Tensor,  # [Hkv, S_max, D]
-    prefix_len: int | torch.Tensor,
-    tree_mask: torch.Tensor | None,  # [n, n] bool or packed; None = causal over the n new tokens
+def packed_attention_exact_ref(
+    q: torch.Tensor,  # [m, Hq, D]
+    k_cache: torch.Tensor,  # [Hkv, S, D]
+    v_cache: torch.Tensor,  # [Hkv, S, D]
+    pre_base: torch.Tensor,  # [m] or [1] int64: the slot where each row's cached prefix begins
+    pre_len: torch.Tensor,  # [m] or [1] int64: its length
+    anc: torch.Tensor,  # [m, A] int: query rows of each row's tree ancestors and itself, depth order
+    cnt: torch.Tensor,  # [m] int: how many of anc[r] are real
+    slots: torch.Tensor,  # [m] int64: where each query row's K/V was written
+    query_pos: torch.Tensor,  # [m] int64
     *,
-    query_pos: torch.Tensor | None = None,  # [n] int
     window: int | None = None,
     scale: float | None = None,
-) -> torch.Tensor:  # [n, Hq, D]
-    """Row-invariant attention (#22's exact mode): every node attends on its own, to its keys
-    in position order -- the cached prefix, then its tree ancestors by depth, then itself --
-    by the same operations a one-token step at that position runs. So a node's output in an
-    n-node verify is bitwise its output as a one-token step once its ancestors are cached
-    (given bitwise-equal K/V). One row at a time: the reference and CPU path; slow."""
-    n, hq, d = q.shape
-    if tree_mask is None:
-        tree_mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-    _check(q, k_cache, v_cache, prefix_len, tree_mask, window)
+) -> torch.Tensor:  # [m, Hq, D]
+    """Row-invariant attention (#22's exact mode, #23's ragged batch): every query row attends
+    on its own, to its keys in position order -- its prefix (slots pre_base + [0, pre_len),
+    positions [0, pre_len)), then its tree ancestors by depth, then itself -- by the same
+    operations a one-token step at that position runs. So a node's output in an n-node
+    verify (or among other sequences' rows) is bitwise its output as a one-token step once
+    its ancestors are cached (given bitwise-equal K/V). One row at a time: the reference and
+    CPU path; slow."""
+    m, hq, d = q.shape
     hkv = k_cache.shape[0]
-    L = int(prefix_len)
-    mask = _as_bool_mask(tree_mask, n).to(q.device)
-    qpos = (tree_query_positions(mask, L) if query_pos is None else query_pos).to(q.device, torch.int64)
+    dev = q.device
+    base, plen = pre_base.expand(m).tolist(), pre_len.expand(m).tolist()
+    anc, cnt = anc.to(dev, torch.long), cnt.tolist()
+    slots, qpos = slots.to(dev, torch.long), query_pos.to(dev, torch.long)
     scale = d ** -0.5 if scale is None else scale
     out = torch.empty_like(q)
-    for r in range(n):
-        rows = mask[r].nonzero().flatten()  # its ancestors and itself, in depth order
-        slots = torch.cat([torch.arange(L, device=q.device), L + rows])  # [keys] in position order
-        kpos = torch.cat([torch.arange(L, device=q.device), qpos[rows]])
+    for r in range(m):
+        rows = anc[r, :cnt[r]]
+        pre = torch.arange(plen[r], device=dev)
+        keys = torch.cat([base[r] + pre, slots[rows]])  # [keys] in position order
+        kpos = torch.cat([pre, qpos[rows]])
         if window is not None:
             keep = qpos[r] - kpos < window
-            slots, kpos = slots[keep], kpos[keep]
-        k, v = k_cache[:, slots].float(), v_cache[:, slots].float()  # [Hkv, keys, D]
+            keys, kpos = keys[keep], kpos[keep]
+        k, v = k_cache[:, keys].float(), v_cache[:, keys].float()  # [Hkv, keys, D]
         qr = q[r].float().view(hkv, hq // hkv, d)  # [Hkv, G, D]
         p = torch.softmax((qr @ k.transpose(1, 2)) * scale, dim=-1)  # [Hkv, G, keys]
         out[r] = (p @ v).reshape(hq, d).to(q.dtype)
     return out
+
+
+def packed_attention_exact(q, k_cache, v_cache, pre_base, pre_len, anc, cnt, slots, query_pos, *,
+                           window: int | None = None, scale: float | None = None) -> torch.Tensor:
+    """``packed_attention_exact_ref``'s rule on the device: the Triton kernel
+    (``kernels/tree_attention_exact.py``) where ``backend.use_triton``; no host sync (CUDA-graph
+    safe). Shapes as the reference."""
+    if not backend.use_triton(q.device):
+        return packed_attention_exact_ref(q, k_cache, v_cache, pre_base, pre_len, anc, cnt, slots, query_pos,
+                                          window=window, scale=scale)
+    from ..kernels import tree_attention_exact as kernel
+
+    d = q.shape[2]
+    i64 = dict(device=q.device, dtype=torch.int64)
+    return kernel.packed_attention_exact(
+        q, k_cache, v_cache, pre_base.to(**i64).contiguous(), pre_len.to(**i64).contiguous(),
+        anc.to(q.device, torch.int32).contiguous(), cnt.to(q.device, torch.int32).contiguous(),
+        slots.to(**i64).contiguous(), query_pos.to(**i64).contiguous(), torch.empty_like(q),
+        d ** -0.5 if scale is None else scale, window)
+
+
+def ancestor_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, n] bool ancestor mask (topological order) -> (anc [n, n] int32: each row's
+    ancestors and itself in depth order, padded with n; cnt [n] int32)."""
+    n = mask.shape[0]
+    cols = torch.arange(n, device=mask.device)
+    anc = torch.where(mask, cols, n).sort(dim=1).values.to(torch.int32)
+    return anc, mask.sum(1).to(torch.int32)
 
 
 def tree_attention_exact(
@@ -201,28 +233,23 @@ def tree_attention_exact(
     window: int | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:  # [n, Hq, D]
-    """``tree_attention_exact_ref``'s rule on the device: the Triton kernel
-    (``kernels/tree_attention_exact.py``) where ``backend.use_triton``; no host sync when
-    ``prefix_len`` is a device tensor (CUDA-graph safe)."""
-    n, hq, d = q.shape
-    if not backend.use_triton(q.device):
-        return tree_attention_exact_ref(q, k_cache, v_cache, prefix_len, tree_mask, query_pos=query_pos,
-                                        window=window, scale=scale)
-    from ..kernels import tree_attention_exact as kernel
-
-    mask = (torch.ones(n, n, dtype=torch.bool, device=q.device).tril() if tree_mask is None
-            else _as_bool_mask(tree_mask, n).to(q.device))
+    """One sequence's tree (``tree_attention``'s arguments) through ``packed_attention_exact``:
+    the prefix is slots [0, prefix_len), the nodes were written at prefix_len + [0, n). No
+    host sync when ``prefix_len`` is a device tensor."""
+    n = q.shape[0]
+    if tree_mask is None:
+        tree_mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    _check(q, k_cache, v_cache, prefix_len, tree_mask, window)
+    mask = _as_bool_mask(tree_mask, n).to(q.device)
     if isinstance(prefix_len, torch.Tensor):
         start = prefix_len.reshape(-1)[:1].to(q.device, torch.int64)
     else:
         start = torch.full((1,), int(prefix_len), dtype=torch.int64, device=q.device)
-    cols = torch.arange(n, device=q.device)
-    anc = torch.where(mask, cols, n).sort(dim=1).values.to(torch.int32).contiguous()  # [n, n] rows in order
-    cnt = mask.sum(1).to(torch.int32)  # [n]
-    qpos = (tree_query_positions(mask, start) if query_pos is None else query_pos).to(q.device, torch.int64)
-    out = torch.empty_like(q)
-    return kernel.tree_attention_exact(q, k_cache, v_cache, start, anc, cnt, qpos.contiguous(), out,
-                                       d ** -0.5 if scale is None else scale, window)
+    anc, cnt = ancestor_lists(mask)
+    qpos = tree_query_positions(mask, start) if query_pos is None else query_pos
+    slots = start + torch.arange(n, device=q.device)
+    return packed_attention_exact(q, k_cache, v_cache, torch.zeros_like(start), start, anc, cnt, slots, qpos,
+                                  window=window, scale=scale)
 
 
 def tree_attention(

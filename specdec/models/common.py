@@ -175,6 +175,9 @@ class AttnMeta:
         # Graph-safe forwards (CompactModel.forward_static): the [m] int64 cache slots written,
         # start + arange(m), on the device. None for ordinary forwards.
         self.slots = slots
+        # Packed forwards (CompactModel.forward_packed, a ragged batch in one flat cache): each
+        # query row's (pre_base, pre_len, anc, cnt) for ``ops.attention.packed_attention_exact``.
+        self.packed: tuple[torch.Tensor, ...] | None = None
         self._masks: dict[int | None, torch.Tensor | None] = {}
         self._self_mask: torch.Tensor | None = None
 
@@ -219,6 +222,11 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     whenever the cache holds exactly the committed tokens. Forwards that mask cached
     entries (mask_start < length) or soft-cap logits use the dense path below, which
     reads every key's recorded position."""
+    if meta.packed is not None:  # a ragged batch: the only attention that reads per-row prefixes
+        if softcap is not None:
+            raise ValueError("packed (batched) forward: attention logit soft-capping is not supported")
+        return attn_ops.packed_attention_exact(q, k_cache, v_cache, *meta.packed, meta.slots, meta.query_pos,
+                                               window=window, scale=scale)
     if exact.mode() == "on" and softcap is None and meta.prefix_len == meta.start:
         return attn_ops.tree_attention_exact(q, k_cache, v_cache, meta.start, meta.tree_mask,
                                              query_pos=meta.query_pos, window=window, scale=scale)
@@ -339,6 +347,23 @@ class CompactModel(nn.Module):
         slots = start + torch.arange(input_ids.shape[0], device=start.device)  # [m] int64
         cache.pos.index_copy_(0, slots, positions)
         meta = AttnMeta(start, positions, None, tree_mask, None, slots=slots)
+        with exact.scope(self.exact):
+            return self._run(input_ids, positions, cache, meta)
+
+    def forward_packed(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache,
+                       slots: torch.Tensor, pre_base: torch.Tensor, pre_len: torch.Tensor, anc: torch.Tensor,
+                       cnt: torch.Tensor) -> torch.Tensor:
+        """A ragged batch in one forward (#23): several sequences share one flat cache, each in
+        its own slot range, and their new tokens are packed into m rows. Per row: input_ids,
+        positions [m] int64; slots [m] int64 (where its K/V go); pre_base, pre_len [m] int64
+        (its sequence's cached prefix: slots pre_base + [0, pre_len), positions [0, pre_len));
+        anc [m, A] int32 (the query rows of its tree ancestors and itself, in depth order) and
+        cnt [m] int32. Attention is ``ops.attention.packed_attention_exact``: a row attends to
+        its own sequence only, and its result does not depend on the other rows. No host sync,
+        cache.length untouched. Returns logits [m, vocab] (model dtype)."""
+        cache.pos.index_copy_(0, slots, positions)
+        meta = AttnMeta(pre_len, positions, None, None, None, slots=slots)
+        meta.packed = (pre_base, pre_len, anc, cnt)
         with exact.scope(self.exact):
             return self._run(input_ids, positions, cache, meta)
 

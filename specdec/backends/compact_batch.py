@@ -1,0 +1,124 @@
+"""CompactBatchRunner: the BatchRunner protocol on a compact model (#23).
+
+B sequences share one flat static cache: row b owns slots [b * S, (b + 1) * S), S positions
+per row (``StaticKVCache`` with capacity B * S; its own ``length`` is unused). A forward packs
+every given row's new tokens into one [m] run (``CompactModel.forward_packed``): the linear
+layers see all m rows at once (the weights stream once for the batch), attention reads each
+row's own prefix and tree ancestors (``ops.attention.packed_attention_exact``), so a row's
+logits do not depend on its neighbours, and in the exact mode they are bitwise what the row
+decoded alone computes. Commit compacts one row's accepted entries inside its own range.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..models import CompactModel, load_compact
+from ..ops import attention as attn_ops
+from ..ops import exact as exact_ops
+from ..ops import kv as kv_ops
+from .batch import BatchRunner, RowInput
+from .compact import DEFAULT_MAX_LENGTH
+
+
+class CompactBatchRunner(BatchRunner):
+    def __init__(self, model: CompactModel, *, max_rows: int, max_length: int | None = None,
+                 exact: bool | str | None = None):
+        """``max_rows``: the most sequences a batch may hold; ``max_length``: positions per row
+        (prompt + generated + one tree; default min(model context, DEFAULT_MAX_LENGTH));
+        ``exact``: as ``CompactRunner``. The cache takes max_rows * max_length positions."""
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        issue = model.static_forward_issue()
+        if issue is not None:
+            raise ValueError(f"batched decoding cannot run this model: {issue}")
+        self.model = model
+        model.exact = exact_ops.resolve(exact, model.dtype, model.device)
+        self.max_rows = int(max_rows)
+        self.max_length = min(model.max_position_embeddings, max_length or DEFAULT_MAX_LENGTH)
+        self.vocab_size = model.vocab_size
+        self.device = model.device
+        self.cache = model.new_cache(self.max_rows * self.max_length)
+        self.rows = 0
+        self._lengths: list[int] = []
+        self._released: set[int] = set()
+
+    @classmethod
+    def from_hf(cls, hf_model, *, max_rows: int, max_length: int | None = None,
+                exact: bool | str | None = None) -> CompactBatchRunner | None:
+        """A runner sharing ``hf_model``'s weights, or None if the architecture is not covered."""
+        model = load_compact(hf_model)
+        return None if model is None else cls(model, max_rows=max_rows, max_length=max_length, exact=exact)
+
+    @property
+    def exact(self) -> str:
+        return self.model.exact
+
+    def reset(self, rows: int) -> None:
+        if not 1 <= rows <= self.max_rows:
+            raise ValueError(f"a batch of {rows} rows does not fit this runner's cache of {self.max_rows} rows; "
+                             f"build it with max_rows >= {rows} (or decode fewer rows at once)")
+        self.rows = rows
+        self._lengths = [0] * rows
+        self._released = set()
+
+    def length(self, row: int) -> int:
+        return self._lengths[row]
+
+    @torch.inference_mode()
+    def forward(self, inputs: list[RowInput]) -> list[torch.Tensor]:
+        """One packed forward (see the module); logits [m_b, vocab] fp32 per input."""
+        self.check_rows(inputs)
+        if not inputs:
+            raise ValueError("forward needs at least one row")
+        for inp in inputs:
+            if inp.row in self._released:
+                raise ValueError(f"row {inp.row} was released")
+        dev, S = self.device, self.max_length
+        ids, pos, slots, base, plen, anc_rows, counts = [], [], [], [], [], [], []
+        offset = 0
+        for inp in inputs:
+            m, L = inp.input_ids.shape[0], self._lengths[inp.row]
+            mask = (torch.ones(m, m, dtype=torch.bool).tril() if inp.tree_mask is None
+                    else inp.tree_mask.to("cpu", torch.bool))
+            anc, cnt = attn_ops.ancestor_lists(mask)  # [m, m] local rows, padded with m
+            anc_rows.append(torch.where(anc < m, anc + offset, -1))
+            counts.append(cnt)
+            ids.append(inp.input_ids.reshape(-1).cpu())
+            pos.append(inp.position_ids.reshape(-1).cpu())
+            slots.append(inp.row * S + L + torch.arange(m))
+            base.append(torch.full((m,), inp.row * S))
+            plen.append(torch.full((m,), L))
+            offset += m
+        width = max(a.shape[1] for a in anc_rows)
+        anc = torch.full((offset, width), 0, dtype=torch.int32)
+        start = 0
+        for a in anc_rows:
+            anc[start:start + a.shape[0], :a.shape[1]] = a.clamp(min=0)
+            start += a.shape[0]
+        i64 = dict(device=dev, dtype=torch.long)
+        logits = self.model.forward_packed(
+            torch.cat(ids).to(**i64), torch.cat(pos).to(**i64), self.cache, torch.cat(slots).to(**i64),
+            torch.cat(base).to(**i64), torch.cat(plen).to(**i64), anc.to(dev), torch.cat(counts).to(dev))
+        for inp in inputs:
+            self._lengths[inp.row] += inp.input_ids.shape[0]
+        return list(logits.float().split([inp.input_ids.shape[0] for inp in inputs]))
+
+    def commit(self, row: int, start: int, keep_idx: torch.Tensor) -> None:
+        """Keep row ``row``'s entries [0, start) plus start + keep_idx, compacted in its range."""
+        if row in self._released or not 0 <= row < self.rows:
+            raise ValueError(f"commit: row {row} is not a live row of this batch")
+        a = int(keep_idx.numel())
+        if start < 0 or start + a > self._lengths[row]:
+            raise ValueError(f"commit: start {start} + {a} kept entries exceed row {row}'s length {self._lengths[row]}")
+        prefix = keep_idx.device.type == "cpu" and bool((keep_idx == torch.arange(a)).all())
+        if a and not prefix:
+            first = row * self.max_length + start
+            idx = keep_idx.to(device=self.device, dtype=torch.long)  # [a]
+            kv_ops.compact_kv(self.cache.k, self.cache.v, idx, start=first)
+            self.cache.pos[first:first + a] = self.cache.pos[idx + first]
+        self._lengths[row] = start + a
+
+    def release(self, row: int) -> None:
+        if row in self._released or not 0 <= row < self.rows:
+            raise ValueError(f"release: row {row} is not a live row of this batch")
+        self._released.add(row)

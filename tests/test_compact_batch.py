@@ -1,0 +1,93 @@
+"""CompactBatchRunner (compact_batch.py): every row of a packed ragged batch gives, step by
+step, the logits a batch-1 CompactRunner gives for that row alone (bitwise in the exact
+mode, bf16 included) -- through prefills, forwards of any subset of rows with random trees,
+commits of random paths and a release."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from specdec.backends.batch import RowInput
+from specdec.backends.compact import CompactRunner
+from specdec.backends.compact_batch import CompactBatchRunner
+from specdec.tree import TokenTree
+
+
+def random_tree(rng: random.Random, root: int, nodes: int):
+    """(input ids [1 + nodes] with the root first, depth [1 + nodes], ancestor mask [1 + nodes]^2)."""
+    parents = [-1] + [rng.randrange(-1, i) for i in range(1, nodes)]
+    tree = TokenTree([rng.randrange(96) for _ in range(nodes)], parents)
+    _, mask = tree.with_root()
+    return torch.cat([torch.tensor([root]), tree.tokens]), mask.sum(1) - 1, mask
+
+
+@pytest.mark.parametrize("family,dtype,exact", [("llama", torch.float32, False), ("qwen2", torch.float32, False),
+                                                ("gemma3", torch.float32, False), ("llama", torch.bfloat16, True),
+                                                ("gemma3", torch.bfloat16, True)])
+def test_rows_match_batch1_runners(family, dtype, exact):
+    model = tiny_model(family, layers=2).to(dtype)
+    rng = random.Random(family)
+    prompts = [torch.randint(0, 96, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 11, 8)]
+    batch = CompactBatchRunner.from_hf(model, max_rows=4, max_length=64, exact=exact)
+    refs = [CompactRunner.from_hf(model, max_length=64, exact=exact) for _ in prompts]
+    batch.reset(len(prompts))
+    batch.prefill([RowInput(b, p, torch.arange(len(p))) for b, p in enumerate(prompts)])
+    for ref, p in zip(refs, prompts):
+        ref.prefill(p, torch.arange(len(p)))
+    roots = [int(p[-1]) for p in prompts]
+    live = [0, 1, 2]
+    for step in range(7):
+        if step == 4:
+            batch.release(1)
+            live.remove(1)
+        rows = rng.sample(live, rng.randint(1, len(live)))  # any subset, any order
+        inputs, trees = [], {}
+        for b in rows:
+            ids, depth, mask = random_tree(rng, roots[b], rng.randint(1, 5))
+            causal = rng.random() < 0.2
+            trees[b] = (ids, mask.tril() if causal else mask)
+            start = refs[b].length
+            inputs.append(RowInput(b, ids, start + (torch.arange(len(ids)) if causal else depth),
+                                   None if causal else mask))
+        outs = batch.forward(inputs)
+        for inp, out in zip(inputs, outs):
+            want = refs[inp.row].forward(inp.input_ids, inp.position_ids, tree_mask=inp.tree_mask)
+            if exact:
+                assert torch.equal(out, want), (step, inp.row, (out - want).abs().max())
+            else:
+                torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+        for b in rows:  # keep a random root-to-node path (sometimes none: a rollback)
+            ids, mask = trees[b]
+            start = refs[b].length - len(ids)
+            node = rng.randrange(-1, len(ids))
+            keep = torch.zeros(0, dtype=torch.long) if node < 0 else mask[node].nonzero().reshape(-1)
+            batch.commit(b, start, keep)
+            refs[b].commit(start, keep)
+            roots[b] = int(ids[keep[-1]]) if node >= 0 else roots[b]
+        assert [batch.length(b) for b in live] == [refs[b].length for b in live]
+
+
+def test_errors():
+    model = tiny_model("llama", layers=1)
+    batch = CompactBatchRunner.from_hf(model, max_rows=2, max_length=8)
+    with pytest.raises(ValueError, match="max_rows >= 3"):
+        batch.reset(3)
+    batch.reset(2)
+    one = torch.tensor([1])
+    with pytest.raises(ValueError, match="row 2"):
+        batch.forward([RowInput(2, one, one)])
+    with pytest.raises(ValueError, match="distinct"):
+        batch.forward([RowInput(0, one, one), RowInput(0, one, one)])
+    with pytest.raises(ValueError, match="exceed"):
+        batch.forward([RowInput(0, torch.arange(9), torch.arange(9))])
+    batch.forward([RowInput(0, torch.tensor([1, 2]), torch.tensor([0, 1]))])
+    with pytest.raises(ValueError, match="exceed"):
+        batch.commit(0, 1, torch.tensor([0, 1]))
+    batch.release(1)
+    with pytest.raises(ValueError, match="released"):
+        batch.forward([RowInput(1, one, one)])
+    with pytest.raises(ValueError, match="live row"):
+        batch.release(1)

@@ -262,39 +262,61 @@ def _on_device(loop: device_loop.DeviceLoop, prompt: torch.Tensor, max_new_token
 def _step(runner: Runner, drafter: Drafter, history: _History, plan: BudgetPlan, budget: TreeBudget,
           rules: _Rules, remaining: int) -> StepResult:
     """Draft -> verify (one forward) -> accept -> commit the accepted path's K/V."""
-    sp, generator = rules.sp, rules.generator
     t0 = time.perf_counter()
-    request = DraftRequest(history.view(), budget, sp, generator)
+    tree = _propose(drafter, history, budget, rules, runner.vocab_size)
+    t1 = time.perf_counter()
+    device, start = runner.device, runner.length  # == len(tokens) - 1: the root is not cached yet
+    inp, pos, mask = _tree_inputs(tree, history, start)
+    captures = runner.captures
+    logits = runner.forward(inp.to(device), pos.to(device), tree_mask=mask.to(device))[:, :runner.vocab_size]
+    plan.while_verifying(more_steps=remaining > 1)  # (on a GPU the forward is still running)
+    accepted, new, stop = _settle(tree, logits, history, rules, remaining)
+    runner.commit(start, torch.tensor([0] + [i + 1 for i in accepted]))  # (host: a prefix moves nothing)
+    return StepResult(tree, budget, accepted, new, stop, logits, draft_s=t1 - t0,
+                      verify_s=time.perf_counter() - t1, timed=runner.captures == captures)
+
+
+def _propose(drafter: Drafter, history: _History, budget: TreeBudget, rules: _Rules, vocab: int) -> TokenTree:
+    """The drafter's tree for this step, checked and fitted to the budget (on the host unless
+    it carries draft distributions)."""
+    request = DraftRequest(history.view(), budget, rules.sp, rules.generator)
     tree = drafter.propose(request) if budget.max_depth > 0 else TokenTree.empty()
     if not isinstance(tree, TokenTree):
         raise TypeError(f"drafter.propose must return a specdec.TokenTree, got {type(tree).__name__}")
     if tree.device.type != "cpu" and tree.draft_probs is None:
         tree = tree.to("cpu")  # one transfer: the checks, mask and positions below are host work
-    tree = _fit(tree, budget, runner.vocab_size, sp.do_sample)
-    t1 = time.perf_counter()
+    return _fit(tree, budget, vocab, rules.sp.do_sample)
 
-    device, start = runner.device, runner.length  # == len(tokens) - 1: the root is not cached yet
-    _, mask = tree.with_root()  # [n + 1, n + 1] ancestor mask with the root as node 0
-    inp = torch.cat([torch.tensor([history.tokens[-1]]), tree.tokens.cpu()]).to(device)
-    pos = (start + torch.cat([torch.zeros(1, dtype=torch.long), tree.depth.cpu()])).to(device)
-    captures = runner.captures
-    logits = runner.forward(inp, pos, tree_mask=mask.to(device))[:, :runner.vocab_size]  # [n + 1, V]
-    plan.while_verifying(more_steps=remaining > 1)  # (on a GPU the forward is still running)
+
+def _tree_inputs(tree: TokenTree, history: _History, start: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The verify forward's inputs on the host: ids [n + 1] (the root, i.e. the last committed
+    token, then the nodes), positions [n + 1] from ``start``, ancestor mask [n + 1, n + 1]."""
+    _, mask = tree.with_root()
+    inp = torch.cat([torch.tensor([history.tokens[-1]]), tree.tokens.cpu()])
+    pos = start + torch.cat([torch.zeros(1, dtype=torch.long), tree.depth.cpu()])
+    return inp, pos, mask
+
+
+def _settle(tree: TokenTree, logits: torch.Tensor, history: _History, rules: _Rules, remaining: int
+            ) -> tuple[list[int], list[int], bool]:
+    """From a tree's logits [n + 1, V] (row 0: the root) to (accepted node indices, committed
+    tokens -- accepted then the bonus, cut at EOS / max_new_tokens / a stopping criterion --,
+    whether the sequence stops)."""
+    sp, device = rules.sp, logits.device
     counts = context_counts(history.counts, tree.to(device)) if history.counts is not None else None
     processed = logits if rules.processor is None else rules.processor(logits, history.view(), tree)
     processed = process(processed, sp, counts, check_nan=False)  # NaNs: checked in accept_*
     if sp.do_sample:
-        acc = accept_sampling(tree, torch.softmax(processed, -1), generator)
+        acc = accept_sampling(tree, torch.softmax(processed, -1), rules.generator)
     else:
         acc = accept_greedy(tree, processed)
-    runner.commit(start, torch.tensor([0] + [i + 1 for i in acc.accepted_nodes]))  # (host: a prefix moves nothing)
     drafted = tree.tokens.tolist()
     new, stop = _truncate([drafted[i] for i in acc.accepted_nodes] + [acc.bonus_token], rules.eos, remaining)
     cut = None if rules.stopping is None else first_stop(rules.stopping, history.view(), new, device)
     if cut is not None:
         new, stop = new[:cut + 1], True
-    return StepResult(tree, budget, acc.accepted_nodes, new, stop, logits, draft_s=t1 - t0,
-                      verify_s=time.perf_counter() - t1, timed=runner.captures == captures)
+    return acc.accepted_nodes, new, stop
 
 
 def _eos_set(eos_token_id, model) -> set[int]:

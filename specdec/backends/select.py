@@ -8,6 +8,7 @@ import torch
 
 from ..ops import exact as exact_ops
 from .base import Runner
+from .batch import BatchRunner
 from .generic import HFRunner
 
 BACKENDS = ("auto", "generic", "compact", "graphs")
@@ -32,10 +33,7 @@ def as_runner(model, backend: str, capacity: int, exact: bool | str | None = Non
         raise TypeError(f"expected a transformers causal LM or a specdec Runner, got {type(model).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    param = next(model.parameters())
-    if param.device.type == "meta":
-        raise ValueError("the model is on the meta device (its weights were never loaded); load it with "
-                         "real weights (from_pretrained without device_map='meta', or model.to_empty + load)")
+    param = _first_param(model)
     requested = backend
     if backend == "auto":
         backend = "graphs" if param.device.type == "cuda" else "generic"
@@ -66,6 +64,67 @@ def as_runner(model, backend: str, capacity: int, exact: bool | str | None = Non
         kept.clear()  # one static cache per model at a time
         kept[key] = runner
     return runner
+
+
+KEPT_BATCH_RUNNERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def as_batch_runner(model, backend: str, rows: int, capacity: int, exact: bool | str | None = None) -> BatchRunner:
+    """A BatchRunner for ``rows`` sequences of up to ``capacity`` positions each (#23).
+
+    "auto": on CUDA the compact runtime's packed batch (``CompactBatchRunner``) where the
+    architecture is supported, else the generic transformers backend (``HFBatchRunner``);
+    on CPU the generic backend. "compact" / "graphs": the compact packed batch (no CUDA
+    graphs for batches yet: "graphs" runs it eagerly). Compact runners are kept per model
+    and reused while they are big enough."""
+    from .generic_batch import HFBatchRunner
+
+    if isinstance(model, BatchRunner):
+        return _check_exact(model, exact)
+    if isinstance(model, Runner):
+        raise TypeError(f"a batch needs a model or a BatchRunner, got the one-sequence {type(model).__name__}; "
+                        "pass the transformers model (or a specdec.backends.compact_batch.CompactBatchRunner)")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"expected a transformers causal LM or a specdec BatchRunner, got {type(model).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    param = _first_param(model)
+    requested = backend
+    if backend == "auto":
+        backend = "compact" if param.device.type == "cuda" else "generic"
+    if backend == "generic":
+        return _check_exact(HFBatchRunner(model), exact)
+    mode = exact_ops.resolve(exact, param.dtype, param.device)
+    kept = KEPT_BATCH_RUNNERS.setdefault(model, {})
+    key = (param.device, param.dtype, mode)
+    runner = kept.get(key)
+    if runner is None or runner.max_rows < rows or runner.max_length < min(capacity, runner.model.max_position_embeddings):
+        from ..models import unsupported_reason
+        from .compact_batch import CompactBatchRunner
+
+        length = -(-capacity // 256) * 256  # rounded up, so close calls reuse the runner
+        runner = None
+        try:
+            runner = CompactBatchRunner.from_hf(model, max_rows=rows, max_length=length, exact=mode)
+            reason = None if runner is not None else unsupported_reason(model)
+        except ValueError as e:  # e.g. attention soft-capping (the packed forward does not cover it)
+            reason = str(e)
+        if runner is None:
+            if requested != "auto":
+                raise ValueError(f"backend={requested!r} cannot batch this model: {reason}; use backend='generic'")
+            _note_fallback(model, reason)
+            return _check_exact(HFBatchRunner(model), exact)
+        kept.clear()  # one batch cache per model at a time
+        kept[key] = runner
+    return runner
+
+
+def _first_param(model) -> torch.nn.Parameter:
+    param = next(model.parameters())
+    if param.device.type == "meta":
+        raise ValueError("the model is on the meta device (its weights were never loaded); load it with "
+                         "real weights (from_pretrained without device_map='meta', or model.to_empty + load)")
+    return param
 
 
 def _check_exact(runner: Runner, exact: bool | str | None) -> Runner:

@@ -41,14 +41,29 @@ def register(name: str, factory) -> None:
 
 
 def make(name: str, *, target=None, **options) -> Drafter:
-    """Build a drafter by name (``specdec.drafters.NAMES`` lists them)."""
+    """Build a drafter by name (``specdec.drafters.NAMES`` lists them). The drafter keeps
+    how it was made (``recipe``), so a batch can build one per row (``fresh``)."""
     if name not in _FACTORIES:
         raise ValueError(f"unknown drafter {name!r}; choose one of {sorted(_FACTORIES)}")
-    return _FACTORIES[name](target=target, **options)
+    drafter = _FACTORIES[name](target=target, **options)
+    try:
+        drafter.recipe = (name, target, dict(options))
+    except AttributeError:  # (a drafter with __slots__)
+        pass
+    return drafter
+
+
+def fresh(drafter) -> Drafter | None:
+    """A new drafter built as ``drafter`` was by ``make`` (no state carried over), or None."""
+    recipe = getattr(drafter, "recipe", None)
+    if recipe is None:
+        return None
+    name, target, options = recipe
+    return make(name, target=target, **options)
 
 
 __all__ = ["Drafter", "DraftRequest", "VerifyResult", "NoDrafter", "ModelDrafter", "NgramDrafter",
-           "make", "register", "NAMES"]
+           "make", "fresh", "register", "NAMES"]
 
 
 # --- Token Recycling (drafters/recycling.py) and early-exit self-drafting (drafters/early_exit.py)

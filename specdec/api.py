@@ -5,6 +5,7 @@ import types
 
 import torch
 
+from .batch_generate import generate_batch
 from .generate import generate
 from .hf_generate import resolve_call
 
@@ -19,15 +20,25 @@ def _accelerated_generate(self, inputs=None, generation_config=None, streamer=No
     ids, mask = call.input_ids, call.attention_mask
     if streamer is not None and ids.shape[0] > 1:
         raise ValueError("streaming supports batch size 1 only (as in transformers)")
+    target = model.__dict__.get("_specdec_target", model)
     rows, stats = [], []
-    for b in range(ids.shape[0]):
-        prompt = ids[b][mask[b]]
-        out = generate(model.__dict__.get("_specdec_target", model), prompt, drafter=model._specdec_drafter(),
+    if ids.shape[0] == 1:
+        out = generate(target, ids[0][mask[0]], drafter=model._specdec_drafter(),
                        max_new_tokens=call.max_new_tokens, eos_token_id=call.eos_token_id or None,
-                       streamer=streamer, seed=seed, logits_processor=call.processors_for(b),
-                       stopping_criteria=call.criteria_for(b), exact=model._specdec_exact, **call.sampling)
-        rows.append(torch.cat([ids[b], out.new_tokens.to(ids.device)]))
+                       streamer=streamer, seed=seed, logits_processor=call.processors_for(0),
+                       stopping_criteria=call.criteria_for(0), exact=model._specdec_exact, **call.sampling)
+        rows.append(torch.cat([ids[0], out.new_tokens.to(ids.device)]))
         stats.append(out.stats)
+    else:  # one batched forward per step (specdec.batch_generate)
+        out = generate_batch(target, ids, attention_mask=mask.long(), drafter=model._specdec_drafter,
+                             max_new_tokens=call.max_new_tokens, eos_token_id=call.eos_token_id or None,
+                             pad_token_id=call.pad_token_id, seed=seed, exact=model._specdec_exact,
+                             row_logits_processors=[call.processors_for(b) for b in range(ids.shape[0])],
+                             row_stopping_criteria=[call.criteria_for(b) for b in range(ids.shape[0])],
+                             **call.sampling)
+        for b, new in enumerate(out.new_token_lists):
+            rows.append(torch.cat([ids[b], torch.tensor(new, dtype=ids.dtype, device=ids.device)]))
+        stats = out.stats.rows
     width = max(r.numel() for r in rows)
     seqs = torch.full((len(rows), width), call.pad_token_id, dtype=ids.dtype, device=ids.device)
     for b, r in enumerate(rows):

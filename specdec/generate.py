@@ -149,8 +149,10 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
              seed: int | None = None, generator: torch.Generator | None = None,
              budget: TreeBudget | None = None, backend: str = "auto",
              adaptive: bool | BudgetController = True, logits_processor=None,
-             stopping_criteria=None, exact: bool | None = None) -> GenerationOutput:
-    """Lossless speculative decoding of one sequence.
+             stopping_criteria=None, exact: bool | None = None, attention_mask=None):
+    """Lossless speculative decoding of one sequence; a batch [B, T] (left-padded, with
+    ``attention_mask``) goes to ``specdec.batch_generate.generate_batch`` and returns its
+    ``BatchGenerationOutput`` (sequences [B, T + longest new]).
 
     ``model``: a transformers causal LM (or a specdec Runner); ``drafter`` proposes token
     trees (None: plain decoding). Returns the sequences [1, prompt + new] and stats (steps,
@@ -167,6 +169,25 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
     computes, so greedy output equals plain decoding in bf16 / fp16 too (``ops.exact``;
     None: on for bf16 / fp16 on CUDA, off in fp32 and on CPU; ``SPECDEC_EXACT`` overrides
     the default; docs/exact_mode.md gives the cost)."""
+    if _is_batch(input_ids, attention_mask):
+        from .batch_generate import generate_batch
+
+        if streamer is not None or budget is not None or isinstance(adaptive, BudgetController):
+            raise ValueError("a batch takes no streamer, budget or BudgetController (their state is per "
+                             "sequence); decode the rows one at a time for those")
+        return generate_batch(model, input_ids, attention_mask=attention_mask, drafter=drafter,
+                              max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                              top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                              frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                              eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed, generator=generator,
+                              backend=backend, exact=exact,
+                              row_logits_processors=_per_row(logits_processor, input_ids),
+                              row_stopping_criteria=_per_row(stopping_criteria, input_ids))
+    if attention_mask is not None:  # one row: drop its padding
+        from .batch_generate import split_rows
+
+        ids = torch.as_tensor(input_ids)
+        input_ids = split_rows(ids.reshape(1, -1), torch.as_tensor(attention_mask).reshape(1, -1))[0]
     t_start = time.perf_counter()
     if max_new_tokens is None or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -319,6 +340,20 @@ def _settle(tree: TokenTree, logits: torch.Tensor, history: _History, rules: _Ru
     return acc.accepted_nodes, new, stop
 
 
+def _is_batch(input_ids, attention_mask) -> bool:
+    """More than one row: a [B > 1, T] tensor or a list of rows."""
+    if isinstance(input_ids, torch.Tensor):
+        return input_ids.dim() == 2 and input_ids.shape[0] > 1
+    return (isinstance(input_ids, (list, tuple)) and len(input_ids) > 1
+            and isinstance(input_ids[0], (list, tuple, torch.Tensor)))
+
+
+def _per_row(option, input_ids) -> list | None:
+    """The same per-sequence option for every row of a batch."""
+    return None if option is None else [option] * (input_ids.shape[0] if isinstance(input_ids, torch.Tensor)
+                                                   else len(input_ids))
+
+
 def _eos_set(eos_token_id, model) -> set[int]:
     if eos_token_id is None:
         gc = getattr(model, "generation_config", None)
@@ -336,8 +371,8 @@ def _check_prompt(input_ids) -> torch.Tensor:
         raise TypeError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
     if ids.dim() == 2:
         if ids.shape[0] != 1:
-            raise ValueError(f"specdec.generate decodes one sequence at a time, got batch {ids.shape[0]}; "
-                             "loop over the rows (specdec.accelerate(model).generate does this for you)")
+            raise ValueError(f"expected one sequence, got batch {ids.shape[0]} (specdec.generate sends batches "
+                             "to specdec.batch_generate.generate_batch)")
         ids = ids[0]
     if ids.dim() != 1:
         raise ValueError(f"input_ids must be [seq] or [1, seq], got shape {tuple(ids.shape)}")

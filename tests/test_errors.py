@@ -40,9 +40,11 @@ def test_models_on_different_devices(target):
         specdec.generate(target, torch.tensor([[1, 2]]), drafter=specdec.ModelDrafter(draft))
 
 
-def test_batch_larger_than_one(target):
-    with pytest.raises(ValueError, match="one sequence at a time"):
-        specdec.generate(target, torch.tensor([[1, 2], [3, 4]]))
+def test_a_batch_goes_to_the_batched_loop(target):
+    out = specdec.generate(target, torch.tensor([[1, 2], [3, 4]]), max_new_tokens=3, eos_token_id=None)
+    assert out.sequences.shape == (2, 5) and out.stats.loop == "batch"
+    with pytest.raises(ValueError, match="streamer"):
+        specdec.generate(target, torch.tensor([[1, 2], [3, 4]]), streamer=object())
 
 
 def test_token_ids_outside_vocab(target):

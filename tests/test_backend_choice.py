@@ -46,7 +46,7 @@ def test_every_backend_gives_the_same_tokens(backend):
     out = specdec.generate(model, ids, drafter=drafters.make("recycling", target=model), max_new_tokens=24,
                            eos_token_id=[], backend=backend)
     assert out.sequences.tolist() == ref.tolist()
-    runner = _RUNNERS[model][(backend, torch.device("cpu"), torch.float32)]
+    runner = _RUNNERS[model][(backend, torch.device("cpu"), torch.float32, "off")]
     assert isinstance(runner, GraphedCompactRunner if backend == "graphs" else CompactRunner)
     if backend == "graphs":
         assert runner.mode == "eager" and "cpu" in runner.disabled_reason  # no CUDA graphs on CPU
@@ -56,9 +56,9 @@ def test_compact_runner_is_kept_between_calls_and_grows_when_needed():
     model = tiny_model("llama")
     ids = _prompt(model.config.vocab_size)
     specdec.generate(model, ids, max_new_tokens=4, backend="compact", eos_token_id=[])
-    first = _RUNNERS[model][("compact", torch.device("cpu"), torch.float32)]
+    first = _RUNNERS[model][("compact", torch.device("cpu"), torch.float32, "off")]
     out = specdec.generate(model, ids, max_new_tokens=6, backend="compact", eos_token_id=[])
-    assert _RUNNERS[model][("compact", torch.device("cpu"), torch.float32)] is first  # reused
+    assert _RUNNERS[model][("compact", torch.device("cpu"), torch.float32, "off")] is first  # reused
     assert out.sequences.tolist() == hf_greedy(model, ids, 6).tolist()
 
 
@@ -71,6 +71,6 @@ def test_auto_on_cuda_replays_graphs_and_matches_generic():
                                max_new_tokens=40, eos_token_id=[], backend="generic")
     auto = specdec.generate(model, ids, drafter=drafters.make("ngram+recycling", target=model),
                             max_new_tokens=40, eos_token_id=[])
-    runner = _RUNNERS[model][("graphs", next(model.parameters()).device, torch.float32)]
+    runner = _RUNNERS[model][("graphs", next(model.parameters()).device, torch.float32, "off")]
     assert isinstance(runner, GraphedCompactRunner) and runner.mode == "graph", runner.describe()
     assert auto.sequences.tolist() == generic.sequences.tolist()

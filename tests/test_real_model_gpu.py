@@ -46,5 +46,5 @@ def test_fast_path_equals_generic_and_transformers_fp32(smollm2_cuda, name):
                                 eos_token_id=tok.eos_token_id)
         assert generic.sequences.tolist() == ref.tolist()
         assert fast.sequences.tolist() == ref.tolist()
-    runner = _RUNNERS[model][("graphs", next(model.parameters()).device, torch.float32)]
+    runner = _RUNNERS[model][("graphs", next(model.parameters()).device, torch.float32, "off")]
     assert isinstance(runner, GraphedCompactRunner) and runner.mode == "graph", runner.describe()

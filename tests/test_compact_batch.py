@@ -24,14 +24,30 @@ def random_tree(rng: random.Random, root: int, nodes: int):
     return torch.cat([torch.tensor([root]), tree.tokens]), mask.sum(1) - 1, mask
 
 
-@pytest.mark.parametrize("family,dtype,exact", [("llama", torch.float32, False), ("qwen2", torch.float32, False),
-                                                ("gemma3", torch.float32, False), ("llama", torch.bfloat16, True),
-                                                ("gemma3", torch.bfloat16, True)])
-def test_rows_match_batch1_runners(family, dtype, exact):
-    model = tiny_model(family, layers=2).to(dtype)
+@pytest.mark.parametrize("family,dtype,exact,mode", [
+    ("llama", torch.float32, False, "eager"), ("qwen2", torch.float32, False, "eager"),
+    ("gemma3", torch.float32, False, "eager"), ("llama", torch.bfloat16, True, "eager"),
+    ("gemma3", torch.bfloat16, True, "eager"), ("llama", torch.bfloat16, True, "static"),
+    ("gemma3", torch.float32, False, "static")])
+def test_rows_match_batch1_runners(family, dtype, exact, mode):
+    """mode "static": the padded forward a CUDA graph captures (token buckets, scratch rows)."""
+    _check_rows(family, dtype, exact, mode, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["graph", "eager"])
+def test_rows_match_batch1_runners_gpu(mode):
+    """bf16, exact mode, CUDA graphs per token bucket: still bitwise the rows alone."""
+    _check_rows("llama", torch.bfloat16, True, mode, "cuda")
+
+
+def _check_rows(family, dtype, exact, mode, dev):
+    model = tiny_model(family, layers=2).to(dev, dtype)
     rng = random.Random(family)
     prompts = [torch.randint(0, 96, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 11, 8)]
-    batch = CompactBatchRunner.from_hf(model, max_rows=4, max_length=64, exact=exact)
+    batch = CompactBatchRunner.from_hf(model, max_rows=4, max_length=64, exact=exact, mode=mode)
+    assert batch.mode == mode
     refs = [CompactRunner.from_hf(model, max_length=64, exact=exact) for _ in prompts]
     batch.reset(len(prompts))
     batch.prefill([RowInput(b, p, torch.arange(len(p))) for b, p in enumerate(prompts)])
@@ -56,7 +72,7 @@ def test_rows_match_batch1_runners(family, dtype, exact):
         for inp, out in zip(inputs, outs):
             want = refs[inp.row].forward(inp.input_ids, inp.position_ids, tree_mask=inp.tree_mask)
             if exact:
-                assert torch.equal(out, want), (step, inp.row, (out - want).abs().max())
+                assert torch.equal(out, want.to(out.device)), (step, inp.row, (out - want).abs().max())
             else:
                 torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
         for b in rows:  # keep a random root-to-node path (sometimes none: a rollback)

@@ -61,6 +61,46 @@ def graph_issue(runner: CompactRunner) -> str | None:
     return runner.model.static_forward_issue()
 
 
+def capture(forward, device: torch.device, *, warmup: int, pool, verify_tol: float | None
+            ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Capture ``forward()`` (graph-safe, returns a tensor) in a CUDA graph on ``pool``: warm-up
+    on a side stream with host syncs made errors, capture, replay once, and (``verify_tol``)
+    check the replay against the warm-up's result. Returns (graph, its output tensor)."""
+    torch.cuda.synchronize(device)  # surface earlier asynchronous errors here, not in the capture
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    # Warm-up (Triton compiles, cuBLAS picks its kernels) with host syncs made errors: a
+    # forward that syncs must fail here, before capturing -- an aborted capture leaves
+    # the CUDA RNG in capture state and breaks every later torch.randn in the process.
+    previous = torch.cuda.get_sync_debug_mode()
+    try:
+        with torch.cuda.stream(side):
+            for i in range(warmup + 1):  # the first call may initialise lazily (and sync)
+                if i == 1:
+                    torch.cuda.set_sync_debug_mode("error")
+                ref = forward()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = forward()
+    graph.replay()  # the capture recorded the work; this runs it
+    if verify_tol is not None:
+        torch.cuda.synchronize(device)
+        scale = max(1.0, float(ref.abs().nan_to_num(0.0).max()))
+        same_nans = bool(torch.equal(out.isnan(), ref.isnan()))
+        diff = (out - ref).abs().masked_fill(out.isnan() & ref.isnan(), 0.0)
+        err = float(diff.nan_to_num(float("inf")).max())
+        # Same kernels on the same inputs: a replay should match to rounding (cuBLAS may
+        # pick another algorithm inside a capture). This catches garbage, not ulps.
+        if not same_nans or err > verify_tol * scale:
+            raise RuntimeError(f"replay differs from the uncaptured forward (max abs err {err:.3g}, "
+                               f"scale {scale:.3g}, NaNs {'agree' if same_nans else 'differ'})")
+    return graph, out
+
+
 class _Bucket:
     """Static inputs (and, once captured, the graph and its output) of one bucket size."""
 
@@ -284,43 +324,11 @@ class GraphedCompactRunner(Runner):
 
     def _capture(self, st: _Bucket) -> None:
         self.captures += 1
-        dev = self.device
-        torch.cuda.synchronize(dev)  # surface earlier asynchronous errors here, not in the capture
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        # Warm-up (Triton compiles, cuBLAS picks its kernels) with host syncs made errors: a
-        # forward that syncs must fail here, before capturing -- an aborted capture leaves
-        # the CUDA RNG in capture state and breaks every later torch.randn in the process.
-        previous = torch.cuda.get_sync_debug_mode()
-        try:
-            with torch.cuda.stream(side):
-                for i in range(self.warmup + 1):  # the first call may initialise lazily (and sync)
-                    if i == 1:
-                        torch.cuda.set_sync_debug_mode("error")
-                    ref = self._static_forward(st)
-        finally:
-            torch.cuda.set_sync_debug_mode(previous)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        torch.cuda.synchronize(dev)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = self._static_forward(st)
-        graph.replay()  # the capture recorded the work; this runs it
-        if self.verify_capture:
-            torch.cuda.synchronize(dev)
-            scale = max(1.0, float(ref.abs().nan_to_num(0.0).max()))
-            same_nans = bool(torch.equal(out.isnan(), ref.isnan()))
-            diff = (out - ref).abs().masked_fill(out.isnan() & ref.isnan(), 0.0)
-            err = float(diff.nan_to_num(float("inf")).max())
-            # Same kernels on the same inputs: a replay should match to rounding (cuBLAS may
-            # pick another algorithm inside a capture). This catches garbage, not ulps.
-            tol = 1e-3 if self.model.dtype == torch.float32 else 3e-2
-            if not same_nans or err > tol * scale:
-                raise RuntimeError(f"replay differs from the uncaptured forward (max abs err {err:.3g}, "
-                                   f"scale {scale:.3g}, NaNs {'agree' if same_nans else 'differ'})")
-        st.graph, st.out = graph, out
+        st.graph, st.out = capture(lambda: self._static_forward(st), self.device, warmup=self.warmup,
+                                   pool=self._pool, verify_tol=(1e-3 if self.model.dtype == torch.float32 else 3e-2)
+                                   if self.verify_capture else None)
 
     def _disable(self, reason: str) -> None:
         self.mode = "eager"

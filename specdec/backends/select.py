@@ -74,9 +74,9 @@ def as_batch_runner(model, backend: str, rows: int, capacity: int, exact: bool |
 
     "auto": on CUDA the compact runtime's packed batch (``CompactBatchRunner``) where the
     architecture is supported, else the generic transformers backend (``HFBatchRunner``);
-    on CPU the generic backend. "compact" / "graphs": the compact packed batch (no CUDA
-    graphs for batches yet: "graphs" runs it eagerly). Compact runners are kept per model
-    and reused while they are big enough."""
+    on CPU the generic backend. "compact": the compact packed batch, eager; "graphs" (and
+    "auto" on CUDA): the same replayed from CUDA graphs per token bucket where they can run.
+    Compact runners are kept per model and reused while they are big enough."""
     from .generic_batch import HFBatchRunner
 
     if isinstance(model, BatchRunner):
@@ -91,12 +91,12 @@ def as_batch_runner(model, backend: str, rows: int, capacity: int, exact: bool |
     param = _first_param(model)
     requested = backend
     if backend == "auto":
-        backend = "compact" if param.device.type == "cuda" else "generic"
+        backend = "graphs" if param.device.type == "cuda" else "generic"
     if backend == "generic":
         return _check_exact(HFBatchRunner(model), exact)
     mode = exact_ops.resolve(exact, param.dtype, param.device)
     kept = KEPT_BATCH_RUNNERS.setdefault(model, {})
-    key = (param.device, param.dtype, mode)
+    key = (backend, param.device, param.dtype, mode)
     runner = kept.get(key)
     if runner is None or runner.max_rows < rows or runner.max_length < min(capacity, runner.model.max_position_embeddings):
         from ..models import unsupported_reason
@@ -105,7 +105,8 @@ def as_batch_runner(model, backend: str, rows: int, capacity: int, exact: bool |
         length = -(-capacity // 256) * 256  # rounded up, so close calls reuse the runner
         runner = None
         try:
-            runner = CompactBatchRunner.from_hf(model, max_rows=rows, max_length=length, exact=mode)
+            runner = CompactBatchRunner.from_hf(model, max_rows=rows, max_length=length, exact=mode,
+                                                mode="eager" if backend == "compact" else None)
             reason = None if runner is not None else unsupported_reason(model)
         except ValueError as e:  # e.g. attention soft-capping (the packed forward does not cover it)
             reason = str(e)

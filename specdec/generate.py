@@ -313,6 +313,8 @@ def _tree_inputs(tree: TokenTree, history: _History, start: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The verify forward's inputs on the host: ids [n + 1] (the root, i.e. the last committed
     token, then the nodes), positions [n + 1] from ``start``, ancestor mask [n + 1, n + 1]."""
+    if len(tree) == 0:  # plain decoding: the root alone
+        return torch.tensor([history.tokens[-1]]), torch.tensor([start]), torch.ones(1, 1, dtype=torch.bool)
     _, mask = tree.with_root()
     inp = torch.cat([torch.tensor([history.tokens[-1]]), tree.tokens.cpu()])
     pos = start + torch.cat([torch.zeros(1, dtype=torch.long), tree.depth.cpu()])

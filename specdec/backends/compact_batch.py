@@ -31,6 +31,7 @@ from .cuda_graphs import capture, graph_issue
 TOKEN_BUCKETS = (8, 16, 32, 64, 128)
 ANC_WIDTH = 16  # ancestor-list width of the graphed forwards (trees up to 15 deep below their root)
 MODES = ("graph", "static", "eager")
+_SELF = (torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32))  # one token's ancestor list
 
 
 class CompactBatchRunner(BatchRunner):
@@ -102,9 +103,12 @@ class CompactBatchRunner(BatchRunner):
         offset = 0
         for inp in inputs:
             m, L = inp.input_ids.shape[0], self._lengths[inp.row]
-            mask = (torch.ones(m, m, dtype=torch.bool).tril() if inp.tree_mask is None
-                    else inp.tree_mask.to("cpu", torch.bool))
-            anc, cnt = attn_ops.ancestor_lists(mask)  # [m, m] local rows, padded with m
+            if m == 1:  # a one-token step (plain decoding): it sees itself
+                anc, cnt = _SELF
+            else:
+                mask = (torch.ones(m, m, dtype=torch.bool).tril() if inp.tree_mask is None
+                        else inp.tree_mask.to("cpu", torch.bool))
+                anc, cnt = attn_ops.ancestor_lists(mask)  # [m, m] local rows, padded with m
             anc_rows.append(torch.where(anc < m, anc + offset, -1))
             counts.append(cnt)
             ids.append(inp.input_ids.reshape(-1).cpu())

@@ -167,8 +167,8 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
     ``stopping_criteria``: checked after every committed token (nothing after a stop is kept).
     ``exact`` (compact runtime): every verify row computes bitwise what a one-token step
     computes, so greedy output equals plain decoding in bf16 / fp16 too (``ops.exact``;
-    None: on for bf16 / fp16 on CUDA, off in fp32 and on CPU; ``SPECDEC_EXACT`` overrides
-    the default; docs/exact_mode.md gives the cost)."""
+    None: ``ops.exact.resolve``'s default, off for now; ``SPECDEC_EXACT`` overrides it;
+    docs/exact_mode.md)."""
     if _is_batch(input_ids, attention_mask):
         from .batch_generate import generate_batch
 

@@ -208,6 +208,7 @@ def test_exact_mode_defaults_and_overrides(monkeypatch):
     from specdec.ops import exact
 
     monkeypatch.delenv("SPECDEC_EXACT", raising=False)
+    monkeypatch.setattr(exact, "DEFAULT_FOR_HALF_ON_CUDA", "on")
     assert exact.resolve(None, torch.bfloat16, "cuda") == "on"
     assert exact.resolve(None, torch.float16, "cuda:0") == "on"
     assert exact.resolve(None, torch.float32, "cuda") == "off"

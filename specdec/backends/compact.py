@@ -18,7 +18,7 @@ class CompactRunner(Runner):
     def __init__(self, model: CompactModel, *, max_length: int | None = None, exact: bool | str | None = None):
         """``max_length``: cache capacity in tokens (prompt + generated + one draft tree);
         defaults to min(model context, DEFAULT_MAX_LENGTH). ``exact``: the exact mode of #22
-        (``ops.exact.resolve``; None: on for bf16 / fp16 on CUDA, else off): every row of a
+        (``ops.exact.resolve``; None: its default, off for now): every row of a
         verify computes bitwise what a one-token step computes."""
         self.model = model
         model.exact = exact_ops.resolve(exact, model.dtype, model.device)

@@ -51,11 +51,16 @@ def scope(m: str | None):
         _scoped.reset(token)
 
 
+# The default for bf16 / fp16 on CUDA, where a many-row verify and a one-row step round
+# differently enough to flip near-ties. Off until the mode's cost and reach are measured on a
+# GPU (docs/exact_mode.md); fp32 and CPU stay off (there the exact path is a slow reference).
+DEFAULT_FOR_HALF_ON_CUDA = "off"
+
+
 def resolve(exact: bool | str | None, dtype: torch.dtype, device: torch.device | str) -> str:
     """A runner's mode from the caller's ``exact``: True / False, a mode name, or None for the
-    default -- SPECDEC_EXACT when set, else "on" for bf16 / fp16 on CUDA (where a many-row
-    verify and a one-row step round differently enough to flip near-ties) and "off" in fp32
-    and on CPU (where the exact path runs its slow row-by-row reference)."""
+    default -- SPECDEC_EXACT when set, else ``DEFAULT_FOR_HALF_ON_CUDA`` for bf16 / fp16 on
+    CUDA and "off" in fp32 and on CPU."""
     if isinstance(exact, bool):
         return "on" if exact else "off"
     if exact is not None:
@@ -66,4 +71,4 @@ def resolve(exact: bool | str | None, dtype: torch.dtype, device: torch.device |
     if env is not None:
         return env
     half = dtype in (torch.bfloat16, torch.float16)
-    return "on" if half and torch.device(device).type == "cuda" else "off"
+    return DEFAULT_FOR_HALF_ON_CUDA if half and torch.device(device).type == "cuda" else "off"

@@ -10,7 +10,9 @@ which the exact mode makes bitwise in bf16 too; sampling: the target's distribut
 What the budget buys: a forward's cost grows with the tokens it packs once the batch
 makes it compute-bound, so the tokens per forward are capped (``max_batch_tokens``) and
 shared among the live rows, each row's share following its own acceptance; when the batch
-alone fills the cap, speculation is off and the step is plain batched decoding.
+alone fills the cap, speculation is off and the step is plain batched decoding. In greedy
+decoding the loop also measures whether speculation pays (``_PaysCheck``: a plain step every
+16 times the speculative rate against it) and turns it off for a while where it does not.
 """
 from __future__ import annotations
 
@@ -88,6 +90,41 @@ class _RowBudget:
 
     def record(self, accepted: int, share: int) -> None:
         self.nodes = max(1, self.nodes // 2) if accepted == 0 else max(self.nodes, min(share, 2 * (accepted + 1)))
+
+
+class _PaysCheck:
+    """Greedy only: whether speculation pays on this batch, measured. Every ``probe_every``-th
+    step runs plain (no row drafts) and times it; speculative steps are timed too. When the
+    recent speculative rate (committed tokens per second) falls below the plain rate,
+    speculation is off for ``off_steps`` steps, then tried again. Sampling keeps the fixed
+    rule (budgets that follow timings would make seeded sampling irreproducible)."""
+
+    def __init__(self, enabled: bool, probe_every: int = 16, off_steps: int = 48, window: int = 16):
+        self.enabled, self.probe_every, self.off_steps, self.window = enabled, probe_every, off_steps, window
+        self.step = 0
+        self.off_until = -1
+        self.plain: list[float] = []  # tokens per second of recent plain steps
+        self.spec: list[float] = []  # ... of recent speculative steps
+
+    def speculate(self) -> bool:
+        if not self.enabled:
+            return True
+        return self.step >= self.off_until and self.step % self.probe_every != self.probe_every - 1
+
+    def record(self, speculated: bool, tokens: int, seconds: float) -> None:
+        self.step += 1
+        if not self.enabled or seconds <= 0:
+            return
+        rates = self.spec if speculated else self.plain
+        rates.append(tokens / seconds)
+        del rates[:-self.window]
+        if speculated and self.plain and len(self.spec) >= 4 and _median(self.spec) < _median(self.plain):
+            self.off_until = self.step + self.off_steps
+            self.spec.clear()
+
+
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
 
 
 def split_rows(input_ids, attention_mask=None, pad_token_id: int | None = None) -> list[torch.Tensor]:
@@ -222,11 +259,15 @@ def generate_batch(model, input_ids, *, attention_mask=None, drafter=None, max_n
             runner.prefill(pre)
         stats.prefill_time_s = time.perf_counter() - t0
         budgets = [_RowBudget(share) for _ in range(B)]
+        pays = _PaysCheck(enabled=not sp.do_sample and any(not isinstance(d, NoDrafter) for d in drafters))
         new = [[] for _ in range(B)]
         live = list(range(B)) if max_new_tokens > 0 else []
         while live:
-            row_share = max(0, cap // len(live) - 1)
+            speculating = pays.speculate()
+            row_share = max(0, cap // len(live) - 1) if speculating else 0
+            committed = 0
             trees, inputs = {}, []
+            t_step = time.perf_counter()
             for b in live:
                 t_d = time.perf_counter()
                 tree = _propose(drafters[b], histories[b], budgets[b].next(row_share), rules[b], runner.vocab_size)
@@ -246,12 +287,14 @@ def generate_batch(model, input_ids, *, attention_mask=None, drafter=None, max_n
                               torch.tensor([0] + [i + 1 for i in accepted]))
                 hist.extend(toks)
                 new[b].extend(toks)
+                committed += len(toks)
                 st = stats.rows[b]
                 st.steps += 1
                 st.new_tokens += len(toks)
                 st.accepted_per_step.append(len(accepted))
                 st.tree_sizes.append(len(tree))
-                budgets[b].record(len(accepted), row_share)
+                if speculating:
+                    budgets[b].record(len(accepted), row_share)
                 if stop:
                     done.append(b)
                 else:
@@ -259,6 +302,7 @@ def generate_batch(model, input_ids, *, attention_mask=None, drafter=None, max_n
                     drafters[b].update(VerifyResult(tree, accepted, torch.tensor(toks), hist.view(), lg))
                     st.update_time_s += time.perf_counter() - t_u
             verify_s = time.perf_counter() - t_v
+            pays.record(speculating and row_share > 0, committed, time.perf_counter() - t_step)
             for b in live:
                 stats.rows[b].verify_time_s += verify_s
             for b in done:

@@ -148,3 +148,50 @@ def test_bad_batches_are_clear_errors():
         generate_batch(runner, ids, attention_mask=torch.ones_like(ids), max_new_tokens=2)
     with pytest.raises(ValueError, match="vocabulary"):
         generate_batch(model, torch.tensor([[1, 2], [3, 99]]), max_new_tokens=2)
+
+
+def test_pays_check_turns_speculation_off_where_it_is_slower_and_retries():
+    from specdec.batch_generate import _PaysCheck
+
+    check = _PaysCheck(enabled=True, probe_every=4, off_steps=8, window=8)
+    plan = []
+    for _ in range(24):
+        spec = check.speculate()
+        plan.append(spec)
+        check.record(spec, 10 if spec else 8, 1.0 if spec else 0.5)  # speculation: 10 tok/s, plain: 16 tok/s
+    assert plan[:3] == [True] * 3 and plan[3] is False  # the probe
+    off = [i for i, p in enumerate(plan) if not p]
+    assert len(off) > 10  # mostly plain once measured slower ...
+    assert any(plan[12:])  # ... and tried again after off_steps
+    assert all(_PaysCheck(enabled=False).speculate() for _ in range(5))
+
+
+def test_speculation_that_does_not_pay_turns_itself_off(monkeypatch):
+    """A runner whose forward costs 3 ms per extra token: far more steps draft nothing than
+    with the check off, and the output is still each row alone."""
+    import time
+
+    from specdec import batch_generate
+    from specdec.backends.generic_batch import HFBatchRunner
+
+    model = tiny_model("llama", vocab=48)
+    ids, mask = _left_padded(ROWS)
+
+    def run():
+        runner = HFBatchRunner(model)
+        real = runner.forward
+
+        def slow(inputs):
+            time.sleep(0.003 * sum(i.input_ids.numel() - 1 for i in inputs))
+            return real(inputs)
+
+        runner.forward = slow
+        out = generate_batch(runner, ids, attention_mask=mask, drafter=drafters.make("recycling", target=model),
+                             max_new_tokens=40, eos_token_id=None, max_batch_tokens=32)
+        assert out.new_token_lists == _alone(model, ROWS, 40, eos_token_id=None)
+        sizes = [s for r in out.stats.rows for s in r.tree_sizes]
+        return sum(s == 0 for s in sizes) / len(sizes)
+
+    checked = run()
+    monkeypatch.setattr(batch_generate._PaysCheck, "speculate", lambda self: True)
+    assert checked > run() + 0.25

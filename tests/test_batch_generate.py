@@ -195,3 +195,23 @@ def test_speculation_that_does_not_pay_turns_itself_off(monkeypatch):
     checked = run()
     monkeypatch.setattr(batch_generate._PaysCheck, "speculate", lambda self: True)
     assert checked > run() + 0.25
+
+
+def test_real_smollm2_fp32_batch_rows_equal_transformers_one_by_one(smollm2):
+    """The real model, fp32, generic batched backend: a left-padded batch of code, math and
+    chat prompts with ngram + recycling drafts; each row equals transformers' greedy output
+    for that prompt alone (EOS cuts included)."""
+    from conftest import hf_greedy
+    from test_lossless import _real_prompts
+
+    model, tok = smollm2
+    chat = tok.apply_chat_template([{"role": "user", "content": "Name three primary colours."}],
+                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    prompts = [p[0] for p in _real_prompts(tok, n=1)] + [chat[0]]
+    ids, mask = _left_padded([p.tolist() for p in prompts], pad=tok.pad_token_id or 0)
+    out = generate_batch(model, ids, attention_mask=mask, drafter=drafters.make("ngram+recycling", target=model),
+                         max_new_tokens=24, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id or 0)
+    for b, p in enumerate(prompts):
+        ref = hf_greedy(model, p[None], 24, eos_token_id=tok.eos_token_id)[0, p.numel():].tolist()
+        assert out.new_token_lists[b] == ref, b
+    assert out.stats.mean_accepted_length > 1.0

@@ -29,17 +29,10 @@ def as_runner(model, backend: str, capacity: int, exact: bool | str | None = Non
     if isinstance(model, Runner):
         _check_exact(model, exact)
         return model
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"expected a transformers causal LM or a specdec Runner, got {type(model).__name__}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    param = _first_param(model)
     requested = backend
-    if backend == "auto":
-        backend = "graphs" if param.device.type == "cuda" else "generic"
+    backend, param, mode = _choose(model, backend, exact, "Runner")
     if backend == "generic":
         return _check_exact(HFRunner(model), exact)
-    mode = exact_ops.resolve(exact, param.dtype, param.device)
     kept = KEPT_RUNNERS.setdefault(model, {})
     key = (backend, param.device, param.dtype, mode)
     runner = kept.get(key)
@@ -84,17 +77,10 @@ def as_batch_runner(model, backend: str, rows: int, capacity: int, exact: bool |
     if isinstance(model, Runner):
         raise TypeError(f"a batch needs a model or a BatchRunner, got the one-sequence {type(model).__name__}; "
                         "pass the transformers model (or a specdec.backends.compact_batch.CompactBatchRunner)")
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"expected a transformers causal LM or a specdec BatchRunner, got {type(model).__name__}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    param = _first_param(model)
     requested = backend
-    if backend == "auto":
-        backend = "graphs" if param.device.type == "cuda" else "generic"
+    backend, param, mode = _choose(model, backend, exact, "BatchRunner")
     if backend == "generic":
         return _check_exact(HFBatchRunner(model), exact)
-    mode = exact_ops.resolve(exact, param.dtype, param.device)
     kept = KEPT_BATCH_RUNNERS.setdefault(model, {})
     key = (backend, param.device, param.dtype, mode)
     runner = kept.get(key)
@@ -120,12 +106,21 @@ def as_batch_runner(model, backend: str, rows: int, capacity: int, exact: bool |
     return runner
 
 
-def _first_param(model) -> torch.nn.Parameter:
+def _choose(model, backend: str, exact, runner_kind: str) -> tuple[str, torch.nn.Parameter, str | None]:
+    """Checks shared by both selectors -> (backend with "auto" resolved, first parameter, the
+    compact runtime's exact mode; None for the generic backend)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"expected a transformers causal LM or a specdec {runner_kind}, got {type(model).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     param = next(model.parameters())
     if param.device.type == "meta":
         raise ValueError("the model is on the meta device (its weights were never loaded); load it with "
                          "real weights (from_pretrained without device_map='meta', or model.to_empty + load)")
-    return param
+    if backend == "auto":
+        backend = "graphs" if param.device.type == "cuda" else "generic"
+    mode = None if backend == "generic" else exact_ops.resolve(exact, param.dtype, param.device)
+    return backend, param, mode
 
 
 def _check_exact(runner: Runner, exact: bool | str | None) -> Runner:

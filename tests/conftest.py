@@ -43,6 +43,17 @@ def tiny_model(family: str, vocab: int = 96, layers: int = 2, seed: int = 0, **o
 FAMILIES = ["llama", "qwen2", "gemma3", "gpt2"]
 
 
+def random_tree(rng, root: int, nodes: int, vocab: int = 96):
+    """A random tree under ``root`` for batch tests: (input ids [1 + nodes] with the root
+    first, depth [1 + nodes], ancestor mask [1 + nodes, 1 + nodes])."""
+    from specdec.tree import TokenTree
+
+    parents = [-1] + [rng.randrange(-1, i) for i in range(1, nodes)]
+    tree = TokenTree([rng.randrange(vocab) for _ in range(nodes)], parents)
+    _, mask = tree.with_root()
+    return torch.cat([torch.tensor([root]), tree.tokens]), mask.sum(1) - 1, mask
+
+
 @contextlib.contextmanager
 def triton_kernels_on_cpu():
     """Let specdec.ops dispatch to the Triton kernels on CPU tensors (the interpreter,

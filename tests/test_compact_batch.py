@@ -8,20 +8,11 @@ import random
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import random_tree, tiny_model
 
 from specdec.backends.batch import RowInput
 from specdec.backends.compact import CompactRunner
 from specdec.backends.compact_batch import CompactBatchRunner
-from specdec.tree import TokenTree
-
-
-def random_tree(rng: random.Random, root: int, nodes: int):
-    """(input ids [1 + nodes] with the root first, depth [1 + nodes], ancestor mask [1 + nodes]^2)."""
-    parents = [-1] + [rng.randrange(-1, i) for i in range(1, nodes)]
-    tree = TokenTree([rng.randrange(96) for _ in range(nodes)], parents)
-    _, mask = tree.with_root()
-    return torch.cat([torch.tensor([root]), tree.tokens]), mask.sum(1) - 1, mask
 
 
 @pytest.mark.parametrize("family,dtype,exact,mode", [

@@ -12,18 +12,9 @@ from specdec.backends import generic
 from specdec.backends.batch import RowInput
 from specdec.backends.generic import HFRunner
 from specdec.backends.generic_batch import HFBatchRunner
-from specdec.tree import TokenTree
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, random_tree, tiny_model
 
 TOL = dict(rtol=1e-4, atol=1e-4)
-
-
-def random_tree(rng: random.Random, root: int, nodes: int):
-    """(input ids [1 + nodes] with the root first, depth [1 + nodes], ancestor mask [1 + nodes]^2)."""
-    parents = [-1] + [rng.randrange(-1, i) for i in range(1, nodes)]
-    tree = TokenTree([rng.randrange(96) for _ in range(nodes)], parents)
-    _, mask = tree.with_root()
-    return torch.cat([torch.tensor([root]), tree.tokens]), mask.sum(1) - 1, mask
 
 
 @pytest.mark.parametrize("family", FAMILIES)

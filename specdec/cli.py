@@ -1,4 +1,5 @@
-"""Command line: ``specdec demo`` (speed vs plain generate), ``specdec generate``, ``specdec bench``."""
+"""Command line: ``specdec demo`` (speed vs plain generate), ``specdec generate``, ``specdec bench``,
+``specdec train-draft``."""
 from __future__ import annotations
 
 import argparse
@@ -122,7 +123,14 @@ def main(argv=None) -> int:
     g.set_defaults(fn=cmd_generate)
     b = sub.add_parser("bench", help="benchmarks (see benchmarks/run.py --help)", add_help=False)
     b.set_defaults(fn=None)
+    t = sub.add_parser("train-draft", help="distil a draft model for a target (see specdec.train_draft)",
+                       add_help=False)
+    t.set_defaults(fn=None)
     args, rest = p.parse_known_args(argv)
+    if args.cmd == "train-draft":
+        from .train_draft import main as train_main
+
+        return train_main(rest)
     if args.cmd == "bench":
         if os.path.isfile(os.path.join("benchmarks", "run.py")) and os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())  # (a console script's path holds its bin/, not the checkout)

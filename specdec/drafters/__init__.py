@@ -116,3 +116,16 @@ def _dual_drafter(target=None, draft_model=None, **kw):
 register("ngram+recycling", _merged_drafter)
 register("suffix+recycling", lambda target=None, **kw: _merged_drafter(target, names=("suffix", "recycling"), **kw))
 register("dual", _dual_drafter)
+
+
+# --- a draft model distilled for the target by ``specdec train-draft`` (specdec/train_draft.py)
+def _distilled_drafter(target=None, path=None, gamma: int = 4, topk: int = 1, **kw):
+    if target is None or path is None:
+        raise ValueError("the distilled drafter needs target= (the model it was trained for) and path= "
+                         "(the folder `specdec train-draft --out` wrote)")
+    from ..train_draft import load
+
+    return ModelDrafter(load(path, target), gamma=gamma, topk=topk, **kw)
+
+
+register("distilled", _distilled_drafter)

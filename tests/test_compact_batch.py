@@ -98,3 +98,27 @@ def test_errors():
         batch.forward([RowInput(1, one, one)])
     with pytest.raises(ValueError, match="live row"):
         batch.release(1)
+
+
+def test_a_failed_capture_falls_back_to_eager(monkeypatch, capsys):
+    from specdec.backends import compact_batch
+
+    monkeypatch.setattr(compact_batch, "graph_issue", lambda runner: None)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no graphs today")
+
+    monkeypatch.setattr(compact_batch, "capture", broken)
+    model = tiny_model("llama", layers=1)
+    batch = CompactBatchRunner.from_hf(model, max_rows=2, max_length=32)
+    eager = CompactBatchRunner.from_hf(model, max_rows=2, max_length=32, mode="eager")
+    assert batch.mode == "graph"
+    for runner in (batch, eager):
+        runner.reset(2)
+        runner.prefill([RowInput(0, torch.tensor([1, 2, 3]), torch.arange(3)),
+                        RowInput(1, torch.tensor([4]), torch.arange(1))])
+    step = [RowInput(0, torch.tensor([5]), torch.tensor([3])), RowInput(1, torch.tensor([6]), torch.tensor([1]))]
+    got, want = batch.forward(step), eager.forward(step)
+    assert batch.mode == "eager" and "CUDA graphs off for batches" in capsys.readouterr().err
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)

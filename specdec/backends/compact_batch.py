@@ -18,6 +18,8 @@ rows' logits are those of the unpadded forward. Prefills and deeper trees run ea
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ..models import CompactModel, load_compact
@@ -158,10 +160,17 @@ class CompactBatchRunner(BatchRunner):
             return self._forward_block(static)
         if graph is None:
             self.captures += 1
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph, out = capture(lambda: self._forward_block(static), self.device, warmup=2, pool=self._pool,
-                                 verify_tol=1e-3 if self.model.dtype == torch.float32 else 3e-2)
+            try:
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                graph, out = capture(lambda: self._forward_block(static), self.device, warmup=2, pool=self._pool,
+                                     verify_tol=1e-3 if self.model.dtype == torch.float32 else 3e-2)
+            except Exception as e:  # noqa: BLE001 -- any failure: say why once, run eagerly from now on
+                self.mode = "eager"
+                self._graphs.clear()
+                print(f"specdec: CUDA graphs off for batches (capture of bucket {bucket} failed: "
+                      f"{type(e).__name__}: {e}); the packed forward runs eagerly", file=sys.stderr, flush=True)
+                return self._forward_block(static)
             self._graphs[bucket] = (static, graph, out)
             return out
         graph.replay()

@@ -178,6 +178,7 @@ class AttnMeta:
         # Packed forwards (CompactModel.forward_packed, a ragged batch in one flat cache): each
         # query row's (pre_base, pre_len, anc, cnt) for ``ops.attention.packed_attention_exact``.
         self.packed: tuple[torch.Tensor, ...] | None = None
+        self._exact_lists: tuple[torch.Tensor, ...] | None = None
         self._masks: dict[int | None, torch.Tensor | None] = {}
         self._self_mask: torch.Tensor | None = None
 
@@ -185,6 +186,18 @@ class AttnMeta:
     def write_at(self) -> int | torch.Tensor:
         """Where this forward's K/V go: the start slot, or the [m] slot tensor (graph-safe)."""
         return self.start if self.slots is None else self.slots
+
+    def exact_lists(self) -> tuple[torch.Tensor, ...]:
+        """(pre_base, pre_len, anc, cnt, slots) for ``ops.attention.packed_attention_exact``:
+        a packed forward's own, or this sequence's tree turned into them once per forward
+        (every layer reuses them)."""
+        if self._exact_lists is None:
+            if self.packed is not None:
+                self._exact_lists = (*self.packed, self.slots)
+            else:
+                self._exact_lists = attn_ops.sequence_as_packed(self.start, self.tree_mask, self.m,
+                                                                self.query_pos.device)
+        return self._exact_lists
 
     def self_mask(self) -> torch.Tensor:
         """[1, 1] True: a one-token decode step as a one-node tree."""
@@ -222,14 +235,12 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     whenever the cache holds exactly the committed tokens. Forwards that mask cached
     entries (mask_start < length) or soft-cap logits use the dense path below, which
     reads every key's recorded position."""
-    if meta.packed is not None:  # a ragged batch: the only attention that reads per-row prefixes
+    packed = meta.packed is not None  # a ragged batch: the only attention that reads per-row prefixes
+    if packed or (exact.mode() == "on" and softcap is None and meta.prefix_len == meta.start):
         if softcap is not None:
             raise ValueError("packed (batched) forward: attention logit soft-capping is not supported")
-        return attn_ops.packed_attention_exact(q, k_cache, v_cache, *meta.packed, meta.slots, meta.query_pos,
+        return attn_ops.packed_attention_exact(q, k_cache, v_cache, *meta.exact_lists(), meta.query_pos,
                                                window=window, scale=scale)
-    if exact.mode() == "on" and softcap is None and meta.prefix_len == meta.start:
-        return attn_ops.tree_attention_exact(q, k_cache, v_cache, meta.start, meta.tree_mask,
-                                             query_pos=meta.query_pos, window=window, scale=scale)
     if meta.slots is not None:  # graph-safe: the prefix length lives on the device
         if softcap is not None:
             raise ValueError("graph-safe forward: attention logit soft-capping needs the dense path, "

@@ -240,16 +240,26 @@ def tree_attention_exact(
     if tree_mask is None:
         tree_mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
     _check(q, k_cache, v_cache, prefix_len, tree_mask, window)
-    mask = _as_bool_mask(tree_mask, n).to(q.device)
+    lists = sequence_as_packed(prefix_len, tree_mask, n, q.device)
+    if query_pos is None:
+        query_pos = lists[1] + lists[3].long() - 1  # prefix length + depth
+    return packed_attention_exact(q, k_cache, v_cache, *lists, query_pos, window=window, scale=scale)
+
+
+def sequence_as_packed(prefix_len: int | torch.Tensor, tree_mask: torch.Tensor | None, n: int,
+                       device) -> tuple[torch.Tensor, ...]:
+    """One sequence's n new tokens (prefix at slots [0, prefix_len), the tokens written right
+    after it) as ``packed_attention_exact``'s per-row lists: (pre_base [1], pre_len [1],
+    anc [n, n], cnt [n], slots [n]). ``tree_mask`` [n, n] bool or packed; None = causal. No
+    host sync when ``prefix_len`` is a device tensor."""
+    mask = (torch.ones(n, n, dtype=torch.bool, device=device).tril() if tree_mask is None
+            else _as_bool_mask(tree_mask, n).to(device))
     if isinstance(prefix_len, torch.Tensor):
-        start = prefix_len.reshape(-1)[:1].to(q.device, torch.int64)
+        start = prefix_len.reshape(-1)[:1].to(device, torch.int64)
     else:
-        start = torch.full((1,), int(prefix_len), dtype=torch.int64, device=q.device)
+        start = torch.full((1,), int(prefix_len), dtype=torch.int64, device=device)
     anc, cnt = ancestor_lists(mask)
-    qpos = tree_query_positions(mask, start) if query_pos is None else query_pos
-    slots = start + torch.arange(n, device=q.device)
-    return packed_attention_exact(q, k_cache, v_cache, torch.zeros_like(start), start, anc, cnt, slots, qpos,
-                                  window=window, scale=scale)
+    return torch.zeros_like(start), start, anc, cnt, start + torch.arange(n, device=device)
 
 
 def tree_attention(

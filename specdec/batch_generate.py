@@ -27,7 +27,7 @@ from .backends.batch import BatchRunner, RowInput
 from .backends.select import as_batch_runner
 from .config import SamplingParams, TreeBudget
 from .drafters.base import NoDrafter, VerifyResult
-from .generate import (GenerationStats, _check_drafter, _eos_set, _History, _propose, _Rules, _settle,
+from .generate import (GenerationStats, _check_inputs, _eos_set, _History, _propose, _Rules, _settle,
                        _tree_inputs)
 from .node_processors import TreeLogitsProcessor
 
@@ -189,10 +189,8 @@ def row_drafters(drafter, rows: int) -> list:
 
 def holds_model(drafter) -> bool:
     """Whether a drafter runs a model of its own (a draft model, early exit, dual)."""
-    if getattr(drafter, "draft_device", None) is not None:
-        return True
-    return any(isinstance(v, torch.nn.Module) for v in vars(drafter).values()) if hasattr(drafter, "__dict__") \
-        else False
+    return getattr(drafter, "draft_device", None) is not None or any(
+        isinstance(v, torch.nn.Module) for v in getattr(drafter, "__dict__", {}).values())
 
 
 @torch.no_grad()
@@ -234,13 +232,11 @@ def generate_batch(model, input_ids, *, attention_mask=None, drafter=None, max_n
     share = max(0, cap // B - 1)
     longest = max(p.numel() for p in prompts)
     runner = as_batch_runner(model, backend, B, longest + max_new_tokens + cap + 1, exact)
-    for b, p in enumerate(prompts):
-        if p.numel() > runner.max_length:
-            raise ValueError(f"row {b}: prompt has {p.numel()} tokens but the context is {runner.max_length}")
-        if int(p.max()) >= runner.vocab_size or int(p.min()) < 0:
-            raise ValueError(f"row {b}: token ids outside the model's vocabulary [0, {runner.vocab_size})")
-    for d in drafters:
-        _check_drafter(d, runner)
+    for b, (p, d) in enumerate(zip(prompts, drafters)):
+        try:
+            _check_inputs(p, d, runner)
+        except ValueError as e:
+            raise ValueError(f"row {b}: {e}") from None
     if generator is None and seed is not None:
         generator = torch.Generator(device="cpu").manual_seed(seed)
     eos = _eos_set(eos_token_id, model)

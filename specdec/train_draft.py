@@ -173,7 +173,6 @@ def train(student, target, seqs: list[torch.Tensor], *, steps: int, lr: float = 
     for p in params:  # fp32 master weights for the trained layers
         p.data = p.data.float()
         p.requires_grad_(True)
-    student.model.layers.float()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses: list[float] = []
     start = 0

@@ -111,7 +111,7 @@ class CompactBatchRunner(BatchRunner):
                 mask = (torch.ones(m, m, dtype=torch.bool).tril() if inp.tree_mask is None
                         else inp.tree_mask.to("cpu", torch.bool))
                 anc, cnt = attn_ops.ancestor_lists(mask)  # [m, m] local rows, padded with m
-            anc_rows.append(torch.where(anc < m, anc + offset, -1))
+            anc_rows.append(anc + offset)  # (entries past cnt are never read)
             counts.append(cnt)
             ids.append(inp.input_ids.reshape(-1).cpu())
             pos.append(inp.position_ids.reshape(-1).cpu())
@@ -130,7 +130,7 @@ class CompactBatchRunner(BatchRunner):
         start = 0
         for a in anc_rows:
             w = min(a.shape[1], A)
-            block[6:6 + w, start:start + a.shape[0]] = a[:, :w].clamp(min=0).T
+            block[6:6 + w, start:start + a.shape[0]] = a[:, :w].T
             start += a.shape[0]
         if rows > offset:  # padding rows: each sees only itself, written in the scratch range
             pad = torch.arange(offset, rows)

@@ -217,9 +217,11 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
             issue = "the context cannot hold a full tree at the last step"
         loop = None if issue is not None else device_loop.loop_for(runner, shape, sp)
 
+    reads_hidden = bool(getattr(drafter, "wants_target_hidden", False))  # e.g. the EAGLE-style head
     with runner.lock:  # one sequence per cache: concurrent calls on one model take turns
         stats = GenerationStats()
         runner.reset()
+        runner.keep_hidden = reads_hidden
         drafter.reset(prompt)
         if streamer is not None:
             streamer.put(prompt[None].cpu())
@@ -227,6 +229,8 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
             t0 = time.perf_counter()
             runner.prefill(prompt[:-1].to(runner.device), torch.arange(prompt.numel() - 1, device=runner.device))
             stats.prefill_time_s = time.perf_counter() - t0
+            if reads_hidden:
+                drafter.observe_prefill(runner.last_hidden)  # [T - 1, hidden]
         if loop is not None:
             try:
                 return _on_device(loop, prompt, max_new_tokens, rules, seed, streamer, stats, t_start)
@@ -252,7 +256,8 @@ def generate(model, input_ids, *, drafter: Drafter | None = None, max_new_tokens
             t_update = time.perf_counter()
             if not done:
                 drafter.update(VerifyResult(step.tree, step.accepted_nodes, torch.tensor(step.new_tokens),
-                                            history.view(), step.logits))
+                                            history.view(), step.logits,
+                                            runner.last_hidden if reads_hidden else None))
             stats.update_time_s += time.perf_counter() - t_update
             step.total_s = time.perf_counter() - t_step
             plan.record(step, final=done)

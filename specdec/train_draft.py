@@ -115,47 +115,86 @@ def load(path: str | Path, target) -> torch.nn.Module:
 
 
 # ------------------------------------------------------------------ data
-@torch.no_grad()
-def magpie_prompts(target, tok, n: int, *, max_tokens: int = 48, seed: int = 0) -> list[torch.Tensor]:
-    """``n`` user turns the target writes itself: its chat template up to the user message,
-    sampled at T=1 until the end of the turn. Returns each as a chat prompt [T] (template
-    applied, generation prompt added)."""
-    from .generate import generate
+def _end_of_turn(tok) -> list[int]:
+    extra = [t for t in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>") if t in tok.get_vocab()]
+    return sorted({tok.eos_token_id} | set(tok.convert_tokens_to_ids(extra)) - {None})
 
-    marker = "\x00"
-    text = tok.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
-    prefix = tok(text[:text.index(marker)], return_tensors="pt", add_special_tokens=False).input_ids[0]
-    eos = {tok.eos_token_id} | set(tok.convert_tokens_to_ids([t for t in ("<|im_end|>", "<end_of_turn>")
-                                                               if t in tok.get_vocab()]))
+
+def _chat(tok, text: str) -> torch.Tensor:
+    return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                   return_tensors="pt", return_dict=True)["input_ids"][0]
+
+
+@torch.no_grad()
+def _generate_rows(target, rows: list[torch.Tensor], pad: int, *, max_new_tokens: int, eos: list[int],
+                   batch: int, do_sample: bool = False, seed: int = 0) -> list[torch.Tensor]:
+    """transformers' batched ``generate`` on left-padded rows: each row's new tokens (cut after
+    its first end-of-turn)."""
+    dev = next(target.parameters()).device
     out = []
-    for i in range(n * 3):
-        if len(out) == n:
-            break
-        new = generate(target, prefix, max_new_tokens=max_tokens, do_sample=True, temperature=1.0,
-                       eos_token_id=list(eos), seed=seed + i).new_tokens
-        question = tok.decode(new, skip_special_tokens=True).strip()
-        if len(question) < 8:
-            continue
-        out.append(tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)["input_ids"][0])
+    torch.manual_seed(seed)
+    for b in range(0, len(rows), batch):
+        part = rows[b:b + batch]
+        width = max(r.numel() for r in part)
+        ids = torch.full((len(part), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(part), width, dtype=torch.long)
+        for r, row in enumerate(part):
+            ids[r, width - row.numel():], mask[r, width - row.numel():] = row, 1
+        gen = target.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                              do_sample=do_sample, temperature=1.0 if do_sample else None, top_k=0 if do_sample
+                              else None, top_p=1.0 if do_sample else None, eos_token_id=eos, pad_token_id=pad)
+        for r in gen[:, width:].cpu():
+            ends = [i for i, t in enumerate(r.tolist()) if t in eos]
+            out.append(r[:ends[0] + 1] if ends else r)
     return out
 
 
 @torch.no_grad()
-def answers(target, prompts: list[torch.Tensor], *, max_new_tokens: int, eos_token_id=None,
-            log=print) -> list[torch.Tensor]:
-    """prompt + the target's greedy answer, for each prompt."""
-    from . import drafters
-    from .generate import generate
+def magpie_prompts(target, tok, n: int, *, max_tokens: int = 48, seed: int = 0, batch: int = 64) -> list[torch.Tensor]:
+    """``n`` user turns the target writes itself: its chat template up to the user message,
+    sampled at T=1 until the end of the turn (batched). Returns each as a chat prompt [T]
+    (template applied, generation prompt added)."""
+    marker = "\x00"
+    text = tok.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    prefix = tok(text[:text.index(marker)], return_tensors="pt", add_special_tokens=False).input_ids[0]
+    eos = _end_of_turn(tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    out: list[torch.Tensor] = []
+    for attempt in range(3):
+        if len(out) >= n:
+            break
+        need = n - len(out)
+        for new in _generate_rows(target, [prefix] * need, pad, max_new_tokens=max_tokens, eos=eos, batch=batch,
+                                  do_sample=True, seed=seed + attempt):
+            question = tok.decode(new, skip_special_tokens=True).strip()
+            if len(question) >= 8:
+                out.append(_chat(tok, question))
+    return out[:n]
 
+
+@torch.no_grad()
+def answers(target, prompts: list[torch.Tensor], *, max_new_tokens: int, eos_token_id=None, batch: int = 32,
+            pad_token_id: int | None = None, log=print) -> list[torch.Tensor]:
+    """prompt + the target's greedy answer, for each prompt (transformers' batched generate)."""
+    eos = eos_token_id if isinstance(eos_token_id, list) else [eos_token_id] if eos_token_id is not None else []
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     seqs, t0 = [], time.perf_counter()
-    drafter = drafters.make("ngram+recycling", target=target)
-    for i, p in enumerate(prompts):
-        out = generate(target, p, drafter=drafter, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
-        seqs.append(out.sequences[0].cpu())
-        if (i + 1) % 8 == 0 or i + 1 == len(prompts):
-            log(f"answers {i + 1}/{len(prompts)} ({time.perf_counter() - t0:.0f}s)")
+    for b in range(0, len(prompts), batch):
+        part = prompts[b:b + batch]
+        new = _generate_rows(target, part, pad, max_new_tokens=max_new_tokens, eos=eos, batch=batch)
+        seqs += [torch.cat([p.cpu(), a]) for p, a in zip(part, new)]
+        log(f"answers {len(seqs)}/{len(prompts)} ({time.perf_counter() - t0:.0f}s)")
     return seqs
+
+
+def prompts_from_file(tok, path: Path) -> list[torch.Tensor]:
+    """One prompt per line; a ``.jsonl`` file holds {"text": ..., "chat": true|false} records
+    (chat: wrap in the chat template, the default; false: a raw completion prefix)."""
+    if path.suffix == ".jsonl":
+        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [_chat(tok, r["text"]) if r.get("chat", True) else
+                tok(r["text"], return_tensors="pt").input_ids[0] for r in recs]
+    return [_chat(tok, line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # ------------------------------------------------------------------ training
@@ -223,7 +262,7 @@ def _batch(seqs: list[torch.Tensor], batch_tokens: int, g: torch.Generator) -> t
     return torch.stack([s[:length] for s in picks])
 
 
-def plot(losses: list[float], out: Path) -> Path | None:
+def plot(losses: list[float], out: Path, ylabel: str = "loss") -> Path | None:
     """loss.png where matplotlib is installed (it is not a dependency), else None."""
     try:
         import matplotlib
@@ -235,7 +274,7 @@ def plot(losses: list[float], out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(losses)
     ax.set_xlabel("step")
-    ax.set_ylabel("KL(target || draft)")
+    ax.set_ylabel(ylabel)
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=120)
     plt.close(fig)
@@ -247,16 +286,23 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="specdec train-draft", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--model", "--target", dest="model", default=None, help="a local HF checkpoint (default: SmolLM2)")
-    p.add_argument("--kind", choices=["model"], default="model")
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--prompts", default="64", help="how many self-written prompts, or a file (one prompt a line)")
+    p.add_argument("--kind", choices=["head", "model"], default="head",
+                   help="head: an EAGLE-style head on the target's hidden states; model: its first layers")
+    p.add_argument("--layers", type=int, default=1, help="(kind model) decoder layers of the draft model")
+    p.add_argument("--prompts", default="64",
+                   help="how many self-written prompts, or a file (one prompt a line, or .jsonl records)")
+    p.add_argument("--extra-prompts", type=int, default=0, help="self-written prompts added to a --prompts file")
     p.add_argument("--answer-tokens", type=int, default=128)
+    p.add_argument("--gen-batch", type=int, default=32, help="rows per batched generate call")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--batch-tokens", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=None, help="default 3e-4 (model), 5e-4 (head)")
+    p.add_argument("--batch-tokens", type=int, default=1024, help="tokens per training step")
+    p.add_argument("--passes", type=int, default=3, help="(kind head) unrolled passes (training-time test)")
+    p.add_argument("--kl-weight", type=float, default=0.1, help="(kind head) weight of the token KL vs the feature loss")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true", help="reuse DIR/seqs.pt and continue from DIR/checkpoint.pt")
+    p.add_argument("--train-seconds", type=float, default=None, help="(kind head) cut the steps to fit this time")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     from .cli import _load
@@ -266,27 +312,55 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = lambda s: print(f"[train-draft] {s}", flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    if Path(args.prompts).is_file():
-        lines = [s for s in Path(args.prompts).read_text().splitlines() if s.strip()]
-        prompts = [tok.apply_chat_template([{"role": "user", "content": s}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)["input_ids"][0] for s in lines]
+    from_file = Path(args.prompts).is_file()
+    cached = out / "seqs.pt"  # the generated data, reused by --resume
+    if args.resume and cached.exists():
+        prompts, seqs = torch.load(cached)
+        log(f"{len(seqs)} sequences from {cached}")
+    elif from_file:
+        prompts = prompts_from_file(tok, Path(args.prompts))
+        if args.extra_prompts:
+            prompts += magpie_prompts(target, tok, args.extra_prompts, seed=args.seed, batch=args.gen_batch)
     else:
-        prompts = magpie_prompts(target, tok, int(args.prompts), seed=args.seed)
-    log(f"{len(prompts)} prompts ({time.perf_counter() - t0:.0f}s)")
-    seqs = answers(target, prompts, max_new_tokens=args.answer_tokens, eos_token_id=tok.eos_token_id, log=log)
-    student = student_from_target(target, args.layers)
+        prompts = magpie_prompts(target, tok, int(args.prompts), seed=args.seed, batch=args.gen_batch)
+    if not (args.resume and cached.exists()):
+        log(f"{len(prompts)} prompts ({time.perf_counter() - t0:.0f}s)")
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        seqs = answers(target, prompts, max_new_tokens=args.answer_tokens, eos_token_id=_end_of_turn(tok),
+                       batch=args.gen_batch, pad_token_id=pad, log=log)
+        torch.save((prompts, seqs), cached)
     checkpoint = out / "checkpoint.pt"
     if not args.resume:
         checkpoint.unlink(missing_ok=True)
-    losses = train(student, target, seqs, steps=args.steps, lr=args.lr, batch_tokens=args.batch_tokens,
-                   seed=args.seed, checkpoint=checkpoint, log=log)
-    record = {"prompts": len(prompts), "prompt_source": "self-written (Magpie-style)" if not Path(args.prompts).is_file()
-              else f"file {args.prompts}", "tokens": int(sum(s.numel() for s in seqs)), "steps": args.steps,
-              "final_kl": losses[-1] if losses else None, "seconds": round(time.perf_counter() - t0, 1)}
-    save(student, target, out, record)
+    record = {"prompts": len(prompts), "prompt_source": (f"file {Path(args.prompts).name}" if from_file else
+                                                         "self-written (Magpie-style)")
+              + (f" + {args.extra_prompts} self-written" if from_file and args.extra_prompts else ""),
+              "tokens": int(sum(s.numel() for s in seqs)), "steps": args.steps}
+    if args.kind == "head":
+        from . import train_head
+        from .drafters.head import save_head
+
+        data = train_head.collect(target, seqs, log=log)
+        head = train_head.init_head(target)
+        rows = max(1, args.batch_tokens // 256)
+        losses = train_head.train(head, target, data, steps=args.steps, lr=args.lr or 5e-4, rows=rows,
+                                  length=min(256, args.batch_tokens), passes=args.passes,
+                                  kl_weight=args.kl_weight, seed=args.seed, checkpoint=checkpoint,
+                                  time_budget_s=args.train_seconds, log=log)
+        record.update(final_loss=losses[-1] if losses else None, passes=args.passes,
+                      seconds=round(time.perf_counter() - t0, 1))
+        save_head(head, target, out, record)
+        saved = out / "head.safetensors"
+    else:
+        student = student_from_target(target, args.layers)
+        losses = train(student, target, seqs, steps=args.steps, lr=args.lr or 3e-4, batch_tokens=args.batch_tokens,
+                       seed=args.seed, checkpoint=checkpoint, log=log)
+        record.update(final_kl=losses[-1] if losses else None, seconds=round(time.perf_counter() - t0, 1))
+        save(student, target, out, record)
+        saved = out / "draft.safetensors"
     (out / "loss.json").write_text(json.dumps(losses))
-    png = plot(losses, out)
-    log(f"saved {out / 'draft.safetensors'}{' and ' + str(png) if png else ''} in {record['seconds']}s")
+    png = plot(losses, out, "unrolled loss (feature + KL)" if args.kind == "head" else "KL(target || draft)")
+    log(f"saved {saved}{' and ' + str(png) if png else ''} in {round(time.perf_counter() - t0, 1)}s")
     return 0
 
 

@@ -20,6 +20,12 @@ class Runner:
     device: torch.device
     captures: int = 0  # CUDA graphs captured so far (a forward that captured is no timing sample)
     pads_trees: bool = False  # every tree runs padded to a bucket (CUDA graphs): verify cost steps
+    # Set by ``generate`` when its drafter reads the target's hidden states (the EAGLE-style
+    # head, drafters/head.py): each forward then leaves ``last_hidden`` [m, hidden], the
+    # residual stream its m rows carried into the final norm (model dtype, valid until the
+    # next forward).
+    keep_hidden: bool = False
+    last_hidden: torch.Tensor | None = None
 
     @property
     def lock(self) -> threading.Lock:

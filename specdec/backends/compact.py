@@ -68,6 +68,7 @@ class CompactRunner(Runner):
         ids = input_ids.to(self.device, torch.long)
         pos = position_ids.to(self.device, torch.long)
         logits = self.model(ids, pos, self.cache, tree_mask=tree_mask, mask_start=mask_start)
+        self.last_hidden = self.model.last_residual if self.keep_hidden else None
         return logits.float()  # [m, vocab]
 
     def commit(self, start: int, keep_idx: torch.Tensor) -> None:

@@ -63,9 +63,10 @@ def graph_issue(runner: CompactRunner) -> str | None:
 
 def capture(forward, device: torch.device, *, warmup: int, pool, verify_tol: float | None
             ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """Capture ``forward()`` (graph-safe, returns a tensor) in a CUDA graph on ``pool``: warm-up
-    on a side stream with host syncs made errors, capture, replay once, and (``verify_tol``)
-    check the replay against the warm-up's result. Returns (graph, its output tensor)."""
+    """Capture ``forward()`` (graph-safe, returns a tensor or a tuple of tensors) in a CUDA graph
+    on ``pool``: warm-up on a side stream with host syncs made errors, capture, replay once, and
+    (``verify_tol``) check the replay's (first) tensor against the warm-up's. Returns (graph,
+    its output as ``forward`` returns it)."""
     torch.cuda.synchronize(device)  # surface earlier asynchronous errors here, not in the capture
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -87,6 +88,9 @@ def capture(forward, device: torch.device, *, warmup: int, pool, verify_tol: flo
     with torch.cuda.graph(graph, pool=pool):
         out = forward()
     graph.replay()  # the capture recorded the work; this runs it
+    result = out
+    if isinstance(out, tuple):
+        out, ref = out[0], ref[0]
     if verify_tol is not None:
         torch.cuda.synchronize(device)
         scale = max(1.0, float(ref.abs().nan_to_num(0.0).max()))
@@ -98,7 +102,7 @@ def capture(forward, device: torch.device, *, warmup: int, pool, verify_tol: flo
         if not same_nans or err > verify_tol * scale:
             raise RuntimeError(f"replay differs from the uncaptured forward (max abs err {err:.3g}, "
                                f"scale {scale:.3g}, NaNs {'agree' if same_nans else 'differ'})")
-    return graph, out
+    return graph, result
 
 
 class _Bucket:
@@ -113,7 +117,7 @@ class _Bucket:
         self.mask = self.eye.clone()  # [B, B] bool, True = visible
         self.mask_kind = "eye"  # what the mask buffer holds: "eye", "causal" or "tree"
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.out: torch.Tensor | None = None  # [B, vocab] fp32, written by every replay
+        self.out: tuple[torch.Tensor, torch.Tensor] | None = None  # logits [B, vocab] fp32, residual [B, hidden]
 
 
 class GraphedCompactRunner(Runner):
@@ -195,7 +199,7 @@ class GraphedCompactRunner(Runner):
         [m, length - mask_start + m] bool (None = causal). Returns logits [m, vocab] fp32."""
         size = self._bucket_size(input_ids, position_ids, tree_mask, mask_start)
         if size is None:
-            return self.runner.forward(input_ids, position_ids, tree_mask, mask_start)
+            return self._eager(input_ids, position_ids, tree_mask, mask_start)
         m = input_ids.shape[0]
         st = self._bucket(size)
         st.ids[:m].copy_(input_ids)  # padding rows keep earlier (valid) ids and positions
@@ -206,10 +210,17 @@ class GraphedCompactRunner(Runner):
         self._start.fill_(self.cache.length)
         out = self._execute(st)
         if out is None:  # capture failed just now: graphs are off, run this call eagerly
-            return self.runner.forward(input_ids, position_ids, tree_mask, mask_start)
+            return self._eager(input_ids, position_ids, tree_mask, mask_start)
         self.cache.advance(m)
-        out = out[:m]
-        return out.clone() if self.clone_outputs else out
+        logits, hidden = out[0][:m], out[1][:m]
+        self.last_hidden = (hidden.clone() if self.clone_outputs else hidden) if self.keep_hidden else None
+        return logits.clone() if self.clone_outputs else logits
+
+    def _eager(self, input_ids, position_ids, tree_mask, mask_start) -> torch.Tensor:
+        self.runner.keep_hidden = self.keep_hidden
+        logits = self.runner.forward(input_ids, position_ids, tree_mask, mask_start)
+        self.last_hidden = self.runner.last_hidden
+        return logits
 
     def prefill(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> None:
         """The prompt, through the bucket graphs when it fits one. The first prefill captures
@@ -304,12 +315,14 @@ class GraphedCompactRunner(Runner):
         st.mask[:m, :m].copy_(tree_mask)
         st.mask_kind = "tree"
 
-    def _static_forward(self, st: _Bucket) -> torch.Tensor:
-        """The padded forward (what a graph captures): logits [B, vocab] fp32."""
+    def _static_forward(self, st: _Bucket) -> tuple[torch.Tensor, torch.Tensor]:
+        """The padded forward (what a graph captures): logits [B, vocab] fp32 and the residual
+        stream into the final norm [B, hidden] (the hidden states, ``Runner.keep_hidden``)."""
         mask = pack_tree_mask(st.mask) if self._pack else st.mask
-        return self.model.forward_static(st.ids, st.pos, self.cache, self._start, mask).float()
+        logits = self.model.forward_static(st.ids, st.pos, self.cache, self._start, mask).float()
+        return logits, self.model.last_residual
 
-    def _execute(self, st: _Bucket) -> torch.Tensor | None:
+    def _execute(self, st: _Bucket) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.mode == "static":
             return self._static_forward(st)
         if st.graph is None:

@@ -67,6 +67,14 @@ def context_length(model) -> int:
     return 1 << 30
 
 
+def final_norm(model) -> torch.nn.Module | None:
+    """The norm a transformers causal LM applies before its LM head (``model.model.norm`` in
+    Llama, Qwen, Gemma, ...), or None."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    norm = getattr(base, "norm", None)
+    return norm if isinstance(norm, torch.nn.Module) else None
+
+
 class HFRunner(Runner):
     """A transformers model plus its own KV cache (batch 1). Implements ``Runner``."""
 
@@ -100,6 +108,28 @@ class HFRunner(Runner):
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._keep_kwarg = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+        self._norm_input: torch.Tensor | None = None
+        self._norm_hook = None
+
+    @property
+    def keep_hidden(self) -> bool:
+        return self._norm_hook is not None
+
+    @keep_hidden.setter
+    def keep_hidden(self, keep: bool) -> None:
+        """Hidden states are the final norm's input, read by a hook present only while kept."""
+        if keep and self._norm_hook is None:
+            norm = final_norm(self.model)
+            if norm is None:
+                raise ValueError(f"{type(self.model).__name__} has no final norm module (model.model.norm) to "
+                                 "read hidden states from; a drafter that reads them cannot run on it")
+            self._norm_hook = norm.register_forward_pre_hook(self._keep_norm_input)
+        elif not keep and self._norm_hook is not None:
+            self._norm_hook.remove()
+            self._norm_hook, self.last_hidden = None, None
+
+    def _keep_norm_input(self, module, args) -> None:
+        self._norm_input = args[0]
 
     @property
     def length(self) -> int:
@@ -154,6 +184,8 @@ class HFRunner(Runner):
                          attention_mask=attn, **{self._cache_kwarg: self.cache}, use_cache=True,
                          cache_position=torch.arange(length, length + m, device=self.device), **kw)
         self.key_pos = torch.cat([self.key_pos, position_ids])
+        if self.keep_hidden:
+            self.last_hidden, self._norm_input = self._norm_input[0], None  # [m, hidden]
         return out
 
     @torch.no_grad()
@@ -195,6 +227,8 @@ class HFRunner(Runner):
         pos = torch.cat([position_ids.reshape(-1), position_ids.reshape(-1)[-1:].expand(pad)])
         logits = self.forward(ids, pos, tree_mask=mask, mask_start=mask_start)
         self.crop(length + m)
+        if self.last_hidden is not None:
+            self.last_hidden = self.last_hidden[:m]
         return logits[:m]
 
     def commit(self, start: int, keep_idx: torch.Tensor) -> None:

@@ -129,3 +129,18 @@ def _distilled_drafter(target=None, path=None, gamma: int = 4, topk: int = 1, **
 
 
 register("distilled", _distilled_drafter)
+
+
+# --- an EAGLE-style draft head trained by ``specdec train-draft --kind head`` (drafters/head.py)
+def _head_drafter(target=None, path=None, **kw):
+    if target is None:
+        raise ValueError("the head drafter reads the target's hidden states and shares its embeddings and LM "
+                         "head: pass target=")
+    from .head import HeadDrafter, load_head, shipped_head
+
+    path = path if path is not None else shipped_head(target)
+    return HeadDrafter(target, load_head(path, target), **kw)
+
+
+register("head", _head_drafter)
+register("head+ngram", lambda target=None, **kw: _merged_drafter(target, names=("head", "ngram"), **kw))

@@ -30,6 +30,9 @@ class VerifyResult:
     tokens: torch.Tensor  # [T'] every committed token after this step
     # [n + 1, vocab] raw target logits: row 0 at the root, row i + 1 at node i.
     target_logits: torch.Tensor | None = None
+    # [n + 1, hidden] the target's residual stream into its final norm, rows as target_logits;
+    # only for a drafter with ``wants_target_hidden`` (drafters/head.py), else None.
+    target_hidden: torch.Tensor | None = None
     _topk: torch.Tensor | None = field(default=None, repr=False, compare=False)
     _topk_host: torch.Tensor | None = field(default=None, repr=False, compare=False)
 

@@ -31,6 +31,13 @@ class MergedDrafter:
         if len(model_devices) > 1:
             raise ValueError(f"merged drafters' draft models are on different devices: {sorted(model_devices)}")
         self.draft_device = torch.device(model_devices.pop()) if model_devices else None
+        self.wants_target_hidden = any(getattr(d, "wants_target_hidden", False) for d in self.drafters)
+
+    def observe_prefill(self, hidden: torch.Tensor) -> None:
+        """The target's hidden states over the prompt, to the drafters that read them."""
+        for d in self.drafters:
+            if getattr(d, "wants_target_hidden", False):
+                d.observe_prefill(hidden)
 
     def reset(self, prompt: torch.Tensor) -> None:
         for d in self.drafters:

@@ -291,6 +291,7 @@ class CompactModel(nn.Module):
     model_types: ClassVar[tuple[str, ...]] = ()
     final_softcap: float | None = None
     exact: str | None = None  # the exact mode its forwards run in (``ops.exact``; its runner sets it)
+    last_residual: torch.Tensor | None = None  # [m, hidden] what the last forward's rows fed the final norm
 
     def __init__(self, config):
         super().__init__()
@@ -413,8 +414,8 @@ class CompactModel(nn.Module):
     def head(self, x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
         """The final norm of x (+ delta, the last residual add) and the logits, soft-capped where
         the model says so (Gemma): [m, hidden] -> [m, vocab]. For one row possibly one kernel
-        (``RMSNorm.linear``)."""
-        logits = self.model.norm.linear(x, delta, self.lm_head.weight, self.lm_head.bias)[0]
+        (``RMSNorm.linear``). Keeps x + delta in ``last_residual`` (the runner's hidden states)."""
+        logits, self.last_residual = self.model.norm.linear(x, delta, self.lm_head.weight, self.lm_head.bias)
         cap = self.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 

@@ -1,0 +1,319 @@
+"""HeadDrafter: token trees from an EAGLE-style draft head that reads the target's hidden states.
+
+The head (``DraftHead``) is one decoder layer. For position t it reads the target's feature
+there (``f_t``: the residual stream the target fed its final norm, normalised by that norm)
+and the embedding of the token that followed (``x_{t+1}``), and predicts the feature at t + 1,
+whose logits -- the target's own final norm and LM head -- give the token after that:
+
+    entry t:  fc([embed(x_{t+1}), norm(f_t)]) -> layer (attends to entries <= t) -> f^_{t+1}
+    draft:    lm_head(norm(f^_{t+1})) -> a distribution over x_{t+2}
+
+Only the head's own weights are trained and saved (``specdec train-draft --kind head``); the
+embeddings, final norm and LM head are the target's.
+
+Drafting (``HeadDrafter``): the head keeps one KV entry per committed position, built from the
+TRUE features the target computed (the prompt's prefill, then every verify forward's rows of
+the accepted path: ``VerifyResult.target_hidden``). A tree grows level by level (EAGLE-2):
+each level's frontier -- the ``width`` best nodes by cumulative log-probability -- runs one head
+forward (its entries see the committed entries and their own ancestors' draft entries; their
+input feature is the parent's predicted one), each expands its ``topk`` children, and the
+tree is the ``max_nodes`` best nodes of all levels. Draft entries never enter the cache.
+One transfer to the host per tree. Deterministic proposals: lossless for greedy and sampling.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..tree import TokenTree
+from .base import DraftRequest, VerifyResult
+
+FORMAT = 1
+WEIGHTS, CONFIG = "head.safetensors", "head.json"
+
+
+class _RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim]
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class DraftHead(nn.Module):
+    """fc([embedding, feature]) then one Llama-style decoder layer (GQA attention with RoPE, a
+    gated SiLU MLP): [n, hidden] x 2 -> predicted feature [n, hidden]."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int, *,
+                 eps: float = 1e-6, rope_theta: float = 10000.0):
+        super().__init__()
+        self.config = dict(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                           intermediate=intermediate, eps=eps, rope_theta=rope_theta)
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.fc = nn.Linear(2 * hidden, hidden, bias=True)
+        self.attn_norm = _RMSNorm(hidden, eps)
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+        self.mlp_norm = _RMSNorm(hidden, eps)
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        inv = 1.0 / rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    @classmethod
+    def for_target(cls, target) -> "DraftHead":
+        """A head shaped like one of ``target``'s decoder layers."""
+        cfg = target.config.get_text_config(decoder=True) if hasattr(target.config, "get_text_config") \
+            else target.config
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        theta = getattr(cfg, "rope_theta", None) or (getattr(cfg, "rope_parameters", None) or {}).get(
+            "rope_theta", 10000.0)
+        return cls(cfg.hidden_size, heads, getattr(cfg, "num_key_value_heads", None) or heads, head_dim,
+                   cfg.intermediate_size, eps=getattr(cfg, "rms_norm_eps", 1e-6), rope_theta=float(theta))
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [..., h, n, d] rotated by positions [n] (Llama's half-split RoPE)."""
+        ang = positions.float()[:, None] * self.inv_freq[None, :]  # [n, d/2]
+        cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+        x1, x2 = x[..., : self.head_dim // 2], x[..., self.head_dim // 2:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+    def forward(self, emb: torch.Tensor, feat: torch.Tensor, positions: torch.Tensor,
+                ctx_k: torch.Tensor | None = None, ctx_v: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """emb, feat [(B,) n, hidden] (the next token's embedding, the normalised feature),
+        positions [n]; ctx_k, ctx_v [(B,) kv_heads, c, head_dim] earlier entries; mask
+        [n, c + n] bool (True = visible; None = every context entry, causal among the n).
+        Returns (predicted feature [(B,) n, hidden], this call's k, v [(B,) kv_heads, n, head_dim])."""
+        lead, n = emb.shape[:-2], emb.shape[-2]
+        x = self.fc(torch.cat([emb, feat], -1))
+        h = self.attn_norm(x)
+
+        def split(t, heads):  # [..., n, heads * d] -> [..., heads, n, d]
+            return t.view(*lead, n, heads, self.head_dim).transpose(-2, -3)
+
+        q = self._rope(split(self.q_proj(h), self.heads), positions)
+        k = self._rope(split(self.k_proj(h), self.kv_heads), positions)
+        v = split(self.v_proj(h), self.kv_heads)
+        keys = k if ctx_k is None else torch.cat([ctx_k, k], -2)  # [..., kv, c + n, d]
+        vals = v if ctx_v is None else torch.cat([ctx_v, v], -2)
+        if mask is None:
+            c = keys.shape[-2] - n
+            mask = torch.ones(n, c + n, dtype=torch.bool, device=x.device).tril(c)
+        rep = self.heads // self.kv_heads
+        att = F.scaled_dot_product_attention(q, keys.repeat_interleave(rep, -3), vals.repeat_interleave(rep, -3),
+                                             attn_mask=mask)  # [..., heads, n, d]
+        x = x + self.o_proj(att.transpose(-2, -3).reshape(*lead, n, -1))
+        h = self.mlp_norm(x)
+        x = x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        return x, k, v
+
+
+# ----------------------------------------------------------------------------- files
+def fingerprint(target) -> str:
+    from ..train_draft import fingerprint as fp
+
+    return fp(target)
+
+
+def save_head(head: DraftHead, target, out: str | Path, record: dict | None = None) -> None:
+    """``out``/head.safetensors (fp16) + head.json (shape, the target's fingerprint, training record)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to(torch.float16).contiguous().cpu() for k, v in head.state_dict().items()},
+              str(out / WEIGHTS))
+    meta = {"format": FORMAT, "kind": "head", "config": head.config,
+            "target": getattr(target.config, "_name_or_path", "") or target.config.model_type,
+            "target_fingerprint": fingerprint(target), **(record or {})}
+    (out / CONFIG).write_text(json.dumps(meta, indent=2))
+
+
+def load_head(path: str | Path, target) -> DraftHead:
+    """The head saved in ``path`` for ``target``, on its device and dtype; another target is an error."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / CONFIG).exists():
+        raise FileNotFoundError(f"{path} holds no {CONFIG}: train a head with "
+                                f"`specdec train-draft --kind head --out {path}`")
+    meta = json.loads((path / CONFIG).read_text())
+    if meta.get("kind") != "head":
+        raise ValueError(f"{path}: kind {meta.get('kind')!r} is not a draft head")
+    if meta["target_fingerprint"] != fingerprint(target):
+        raise ValueError(f"{path} holds a head trained for {meta.get('target')!r} (fingerprint "
+                         f"{meta['target_fingerprint']}), not for this model ({fingerprint(target)}); "
+                         "train one for it with `specdec train-draft --kind head`")
+    head = DraftHead(**{k: v for k, v in meta["config"].items() if k not in ("eps", "rope_theta")},
+                     eps=meta["config"]["eps"], rope_theta=meta["config"]["rope_theta"])
+    head.load_state_dict(load_file(str(path / WEIGHTS)))
+    p0 = next(target.parameters())
+    return head.to(device=p0.device, dtype=p0.dtype).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- drafting
+class HeadDrafter:
+    """Token trees from a ``DraftHead`` (see the module docstring). ``topk``: children per
+    expanded node; ``width``: nodes expanded per level; ``depth``: levels at most (the step's
+    budget caps it and the node count)."""
+
+    wants_target_hidden = True  # generate hands it the target's hidden states
+
+    def __init__(self, target, head: DraftHead, *, topk: int = 8, width: int = 8, depth: int = 6):
+        from ..backends.generic import final_norm
+
+        if topk < 1 or width < 1 or depth < 1:
+            raise ValueError(f"topk, width and depth must be >= 1, got {topk}, {width}, {depth}")
+        self.norm = final_norm(target)
+        if self.norm is None:
+            raise ValueError(f"{type(target).__name__}: no final norm (model.model.norm) for the head to read")
+        self.embed, self.lm_head = target.get_input_embeddings(), target.get_output_embeddings()
+        self.head = head
+        self.topk, self.width, self.depth = topk, width, depth
+        self.vocab_size = int(self.lm_head.weight.shape[0])
+        self.draft_device = self.lm_head.weight.device
+        self.reset(torch.zeros(1, dtype=torch.long))
+
+    # ---------------------------------------------------------------- sequence state
+    def reset(self, prompt: torch.Tensor) -> None:
+        self.tokens = prompt.reshape(-1).to(self.draft_device)  # committed tokens so far
+        kv = (self.head.kv_heads, 0, self.head.head_dim)
+        dtype = self.lm_head.weight.dtype
+        self.k = torch.zeros(kv, dtype=dtype, device=self.draft_device)  # [kv, L, d] one entry per position
+        self.v = torch.zeros_like(self.k)
+        self.root_out: torch.Tensor | None = None  # [hidden] the head's feature for the root's position
+
+    @property
+    def entries(self) -> int:
+        return self.k.shape[1]
+
+    @torch.no_grad()
+    def observe_prefill(self, hidden: torch.Tensor) -> None:
+        """hidden [T - 1, hidden]: the target's features over the prompt but its last token."""
+        self._append(hidden, self.tokens[1:hidden.shape[0] + 1])
+
+    @torch.no_grad()
+    def update(self, result: VerifyResult) -> None:
+        if result.target_hidden is None:
+            raise ValueError("HeadDrafter needs the target's hidden states (VerifyResult.target_hidden); "
+                             "run it through specdec.generate, which asks the runner for them")
+        rows = torch.tensor([0] + [i + 1 for i in result.accepted_nodes], device=result.target_hidden.device)
+        new = result.committed.to(self.draft_device)
+        if self.entries + 1 != self.tokens.numel():  # (a prompt of one token: no prefill, no entry yet)
+            raise RuntimeError(f"HeadDrafter out of step: {self.entries} entries for {self.tokens.numel()} tokens")
+        self.tokens = torch.cat([self.tokens, new])
+        self._append(result.target_hidden.index_select(0, rows), new)
+
+    def _append(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> None:
+        """Entries for the next positions: target features [a, hidden] and the tokens after them [a]."""
+        a = hidden.shape[0]
+        if a == 0:
+            return
+        pos = torch.arange(self.entries, self.entries + a, device=self.draft_device)
+        out, k, v = self.head(self.embed(next_tokens), self.norm(hidden.to(self.draft_device)), pos,
+                              self.k, self.v)
+        self.k, self.v = torch.cat([self.k, k], 1), torch.cat([self.v, v], 1)
+        self.root_out = out[-1]
+
+    # ---------------------------------------------------------------- drafting
+    def _log_probs(self, feat: torch.Tensor) -> torch.Tensor:
+        """Predicted features [n, hidden] -> log-probabilities [n, vocab] (fp32)."""
+        return torch.log_softmax(self.lm_head(self.norm(feat)).float(), -1)
+
+    @torch.no_grad()
+    def propose(self, request: DraftRequest) -> TokenTree:
+        budget = request.budget
+        if self.root_out is None or budget.max_nodes < 1 or budget.max_depth < 1:
+            return TokenTree.empty()
+        if request.tokens.numel() != self.tokens.numel():
+            raise RuntimeError(f"HeadDrafter out of step: it has {self.tokens.numel()} committed tokens, "
+                               f"the request {request.tokens.numel()}")
+        dev, L = self.draft_device, self.entries
+        k = min(self.topk, budget.max_nodes)
+        depth = min(self.depth, budget.max_depth)
+        lp, tok = self._log_probs(self.root_out[None])[0].topk(k)  # level 1: [k]
+        scores, tokens, parents = [lp], [tok], [torch.full((k,), -1, device=dev)]
+        level_ids = torch.arange(k, device=dev)  # this level's node ids
+        level_out = self.root_out[None].expand(k, -1)  # [k, hidden] each node's parent's predicted feature
+        dk = dv = None  # [kv, E, d] this tree's draft entries
+        anc = torch.zeros(0, 0, dtype=torch.bool, device=dev)  # [E, E] entry e sees entry e'
+        node_entry = torch.full((k,), -1, dtype=torch.long, device=dev)  # entry of each node (-1: none)
+        n_nodes, E = k, 0
+        for level in range(1, depth):
+            w = min(self.width, level_ids.numel())
+            sel = scores[-1].topk(w).indices  # [w] positions within this level
+            nodes = level_ids[sel]  # [w] node ids to expand
+            par = torch.cat(parents)[nodes]  # [w] their parents (-1 at level 1)
+            par_entry = torch.where(par >= 0, node_entry[par.clamp(min=0)], -1)  # [w]
+            # masks: committed entries all visible; draft entries: the parent's ancestry, itself
+            seen = torch.zeros(w, E + w, dtype=torch.bool, device=dev)
+            if E:
+                seen[:, :E] = torch.where(par_entry[:, None] >= 0, anc[par_entry.clamp(min=0)], False)
+            seen[:, E:] = torch.eye(w, dtype=torch.bool, device=dev)
+            mask = torch.cat([torch.ones(w, L, dtype=torch.bool, device=dev), seen], 1)
+            ctx_k = self.k if dk is None else torch.cat([self.k, dk], 1)
+            ctx_v = self.v if dv is None else torch.cat([self.v, dv], 1)
+            pos = torch.full((w,), L + level - 1, device=dev)
+            out, nk, nv = self.head(self.embed(torch.cat(tokens)[nodes]), self.norm(level_out[sel]), pos,
+                                    ctx_k, ctx_v, mask)
+            dk = nk if dk is None else torch.cat([dk, nk], 1)
+            dv = nv if dv is None else torch.cat([dv, nv], 1)
+            grown = torch.zeros(E + w, E + w, dtype=torch.bool, device=dev)
+            grown[:E, :E] = anc
+            grown[E:] = seen
+            anc = grown
+            node_entry[nodes] = torch.arange(E, E + w, device=dev)
+            E += w
+            lp, tok = self._log_probs(out).topk(k, dim=-1)  # [w, k]
+            child_scores = (scores[-1][sel][:, None] + lp).reshape(-1)
+            scores.append(child_scores)
+            tokens.append(tok.reshape(-1))
+            parents.append(nodes.repeat_interleave(k))
+            level_ids = torch.arange(n_nodes, n_nodes + w * k, device=dev)
+            level_out = out.repeat_interleave(k, 0)  # [w * k, hidden]
+            node_entry = torch.cat([node_entry, torch.full((w * k,), -1, dtype=torch.long, device=dev)])
+            n_nodes += w * k
+        return _best_nodes(torch.cat(tokens), torch.cat(parents), torch.cat(scores), budget.max_nodes)
+
+
+def _best_nodes(tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor, max_nodes: int) -> TokenTree:
+    """The ``max_nodes`` best candidates by cumulative log-probability as a TokenTree in
+    topological order (ids grow level by level, so parents precede children). A child never
+    scores above its parent and a stable sort puts the parent first on a tie: the set is
+    ancestor-closed. One transfer to the host."""
+    tokens, parents, scores = (t.cpu() for t in (tokens, parents, scores))
+    n = min(max_nodes, tokens.numel())
+    keep = torch.sort(torch.argsort(-scores, stable=True)[:n]).values
+    remap = torch.full((tokens.numel(),), -1, dtype=torch.long)
+    remap[keep] = torch.arange(n)
+    par = parents[keep]
+    new_par = torch.where(par >= 0, remap[par.clamp(min=0)], -1)
+    if bool(((par >= 0) & (new_par < 0)).any()):  # (cannot happen: see above)
+        raise RuntimeError("HeadDrafter: the best nodes are not ancestor-closed")
+    return TokenTree(tokens[keep], new_par, scores=scores[keep].exp())
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "heads"  # heads that ship inside the package
+
+
+def shipped_head(target) -> Path:
+    """The folder of the head that ships for ``target`` (matched by fingerprint), or a clear error."""
+    want = fingerprint(target)
+    for cfg in sorted(SHIPPED.glob(f"*/{CONFIG}")):
+        if json.loads(cfg.read_text()).get("target_fingerprint") == want:
+            return cfg.parent
+    raise FileNotFoundError(f"no draft head ships for this model (fingerprint {want}; shipped: "
+                            f"{sorted(p.name for p in SHIPPED.glob('*'))}); train one with "
+                            "`specdec train-draft --kind head --out DIR` and pass path=DIR")

@@ -65,6 +65,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["specdec", "specdec.*"]),
+    package_data={"specdec": ["heads/*/head.json", "heads/*/head.safetensors"]},  # the shipped draft heads
     install_requires=["torch>=2.4", "transformers>=4.56", "numpy"],
     extras_require={"triton": ["triton"], "gguf": ["gguf"], "test": ["pytest"]},
     ext_modules=native_extensions(),

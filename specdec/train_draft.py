@@ -1,27 +1,26 @@
-"""``specdec train-draft``: distil a small draft model for a target from the target's OWN outputs (#24).
+"""``specdec train-draft``: distil a drafter for a target from the target's OWN outputs (#24).
 
-    specdec train-draft --out DIR [--model DIR] [--kind model] [--layers 1] [--prompts N] [--steps N]
-
-Kind "model" (this module): a same-tokenizer draft model made of the target's first
-``layers`` decoder layers, with the target's embeddings, final norm and LM head shared (not
-saved), distilled on the target's own greedy answers:
+    specdec train-draft --out DIR [--model DIR] [--kind head|model] [--prompts N|FILE] [--steps N]
 
 1. prompts: Magpie-style, the target writes them itself -- its chat template up to the user
-   turn, sampled (no benchmark prompt is ever used); or ``--prompts FILE`` (one per line);
-2. answers: the target's greedy completions (``specdec.generate``, so they are exactly what it
-   will be asked to predict);
-3. training: KL(target || draft) over the target's top-k next-token probabilities plus a tail
-   bucket (``train_adapter.bucket_kl``) at every position of prompt + answer; only the draft's
-   own layers train.
+   turn, sampled (no benchmark prompt is ever used); or ``--prompts FILE`` (one per line, or
+   ``.jsonl`` records; ``python -m benchmarks.train_prompts`` writes one from the benchmark
+   files minus every prompt the evaluation reads), plus ``--extra-prompts`` self-written ones;
+2. answers: the target's greedy completions (transformers' batched generate), so they are
+   exactly what it will be asked to predict; kept in ``DIR/seqs.pt`` for ``--resume``;
+3. training, by kind:
+   - ``head`` (default): an EAGLE-style head -- one decoder layer on the target's hidden
+     states and the next token's embedding (``drafters/head.py``), trained unrolled
+     (``train_head``); saved as ``head.safetensors`` (fp16) + ``head.json``; drafting:
+     ``drafters.make("head", target=model, path=DIR)`` or ``"head+ngram"``;
+   - ``model``: the target's first ``--layers`` decoder layers (embeddings, final norm and LM
+     head shared, not saved), distilled by KL(target || draft) over the target's top-k plus a
+     tail bucket (``train_adapter.bucket_kl``); saved as ``draft.safetensors`` + ``draft.json``;
+     drafting: ``drafters.make("distilled", target=model, path=DIR)`` (a ``ModelDrafter``).
 
-Saved: ``draft.safetensors`` (the layers, fp16) and ``draft.json`` (kind, layers, the target's
-fingerprint, training record); loading against another target is a clear error. The loss
-curve goes to ``loss.json`` (and ``loss.png`` where matplotlib is installed); ``--resume``
-continues from ``checkpoint.pt``. Drafting: ``drafters.make("distilled", target=model,
-path=DIR)`` -- a ``ModelDrafter`` (chains, or trees with ``topk`` > 1).
-
-The EAGLE-style head (the issue's default kind, which needs the target's hidden states at
-verify time) is not built yet.
+Both record the target's fingerprint: loading against another target is a clear error. The
+loss curve goes to ``loss.json`` (and ``loss.png`` where matplotlib is installed); ``--resume``
+continues from ``checkpoint.pt``.
 """
 from __future__ import annotations
 
@@ -314,8 +313,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     from_file = Path(args.prompts).is_file()
     cached = out / "seqs.pt"  # the generated data, reused by --resume
+    source = (f"file {Path(args.prompts).name}" if from_file else "self-written (Magpie-style)") \
+        + (f" + {args.extra_prompts} self-written" if from_file and args.extra_prompts else "")
     if args.resume and cached.exists():
-        prompts, seqs = torch.load(cached)
+        prompts, seqs, source = torch.load(cached)
         log(f"{len(seqs)} sequences from {cached}")
     elif from_file:
         prompts = prompts_from_file(tok, Path(args.prompts))
@@ -328,13 +329,11 @@ def main(argv=None) -> int:
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         seqs = answers(target, prompts, max_new_tokens=args.answer_tokens, eos_token_id=_end_of_turn(tok),
                        batch=args.gen_batch, pad_token_id=pad, log=log)
-        torch.save((prompts, seqs), cached)
+        torch.save((prompts, seqs, source), cached)
     checkpoint = out / "checkpoint.pt"
     if not args.resume:
         checkpoint.unlink(missing_ok=True)
-    record = {"prompts": len(prompts), "prompt_source": (f"file {Path(args.prompts).name}" if from_file else
-                                                         "self-written (Magpie-style)")
-              + (f" + {args.extra_prompts} self-written" if from_file and args.extra_prompts else ""),
+    record = {"prompts": len(prompts), "prompt_source": source, "answer_tokens": args.answer_tokens,
               "tokens": int(sum(s.numel() for s in seqs)), "steps": args.steps}
     if args.kind == "head":
         from . import train_head

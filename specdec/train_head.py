@@ -196,11 +196,14 @@ def train(head: DraftHead, target, data: HeadData, *, steps: int, lr: float = 5e
     try:
         step = start
         while step < total[0]:
-            if time_budget_s is not None and step == start + 20:
-                fit = start + 20 + int((time_budget_s - (time.perf_counter() - t0)) / ((time.perf_counter() - t0) / 20))
+            if time_budget_s is not None and step == start + 5:
+                t_warm = time.perf_counter()  # the first steps compile and allocate: not timed
+            if time_budget_s is not None and step == start + 25:
+                per_step = (time.perf_counter() - t_warm) / 20
+                fit = step + int((time_budget_s - (time.perf_counter() - t0)) / per_step)
                 if fit < total[0]:
                     total[0] = max(step + 1, fit)
-                    log(f"time budget {time_budget_s:.0f}s: {total[0]} steps")
+                    log(f"time budget {time_budget_s:.0f}s at {per_step * 1e3:.0f} ms a step: {total[0]} steps")
             steps = total[0]
             tokens, feats, top_p, top_i = _batch(data, rows, length, g)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):

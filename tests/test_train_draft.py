@@ -56,20 +56,26 @@ def test_distilled_drafter_is_lossless(tmp_path):
         drafters.make("distilled", target=target)
 
 
-def test_cli_trains_from_a_prompt_file(tmp_path, smollm2):
-    """The whole command on the real SmolLM2 (2 prompts, a few steps): the draft and its
-    record are written and the drafter loads."""
+@pytest.mark.parametrize("kind", ["model", "head"])
+def test_cli_trains_from_a_prompt_file(tmp_path, smollm2, kind):
+    """The whole command on the real SmolLM2 (2 prompts, a few steps): the drafter and its
+    record are written and it loads; --resume reuses the generated data."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Name a prime number.\nWhat is 2 + 3?\n")
     out = tmp_path / "draft"
     from specdec.cli import main
 
-    assert main(["train-draft", "--out", str(out), "--prompts", str(prompts), "--answer-tokens", "8",
-                 "--steps", "2", "--batch-tokens", "64"]) == 0
+    args = ["train-draft", "--kind", kind, "--out", str(out), "--prompts", str(prompts), "--answer-tokens", "8",
+            "--steps", "2", "--batch-tokens", "64"]
+    assert main(args) == 0
     import json
 
-    meta = json.loads((out / "draft.json").read_text())
-    assert meta["kind"] == "model" and meta["prompts"] == 2 and meta["steps"] == 2
+    meta = json.loads((out / f"{'draft' if kind == 'model' else 'head'}.json").read_text())
+    assert meta["kind"] == kind and meta["prompts"] == 2 and meta["steps"] == 2
+    assert meta["prompt_source"] == "file prompts.txt"
     assert len(json.loads((out / "loss.json").read_text())) == 2
     model, _ = smollm2
-    drafters.make("distilled", target=model, path=out)
+    drafters.make("distilled" if kind == "model" else "head", target=model, path=out)
+    assert main(args[:-4] + ["--steps", "3", "--resume", "--prompts", "7"]) == 0  # data from seqs.pt
+    meta = json.loads((out / f"{'draft' if kind == 'model' else 'head'}.json").read_text())
+    assert meta["prompts"] == 2 and meta["prompt_source"] == "file prompts.txt" and meta["steps"] == 3

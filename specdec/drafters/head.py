@@ -23,6 +23,7 @@ One transfer to the host per tree. Deterministic proposals: lossless for greedy 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -167,11 +168,13 @@ def load_head(path: str | Path, target) -> DraftHead:
 class HeadDrafter:
     """Token trees from a ``DraftHead`` (see the module docstring). ``topk``: children per
     expanded node; ``width``: nodes expanded per level; ``depth``: levels at most (the step's
-    budget caps it and the node count)."""
+    budget caps them). ``graphs``: on CUDA, grow each tree shape from one captured CUDA graph
+    (None: wherever CUDA is; a failed capture says why once and drafting runs eagerly)."""
 
     wants_target_hidden = True  # generate hands it the target's hidden states
 
-    def __init__(self, target, head: DraftHead, *, topk: int = 8, width: int = 8, depth: int = 6):
+    def __init__(self, target, head: DraftHead, *, topk: int = 8, width: int = 8, depth: int = 6,
+                 graphs: bool | None = None):
         from ..backends.generic import final_norm
 
         if topk < 1 or width < 1 or depth < 1:
@@ -183,21 +186,35 @@ class HeadDrafter:
         self.head = head
         self.topk, self.width, self.depth = topk, width, depth
         self.vocab_size = int(self.lm_head.weight.shape[0])
-        self.draft_device = self.lm_head.weight.device
+        self.draft_device = dev = self.lm_head.weight.device
+        self.graphs = dev.type == "cuda" if graphs is None else bool(graphs) and dev.type == "cuda"
+        self.graph_issue: str | None = None
+        self._graphs: dict[tuple, tuple] = {}  # (k, w, depth) -> (graph, outputs)
+        self._pool = None
+        hidden = head.fc.out_features
+        self.root = torch.zeros(hidden, dtype=self.lm_head.weight.dtype, device=dev)  # [hidden] see reset
+        self.length_dev = torch.zeros(1, dtype=torch.long, device=dev)  # [1] == self.length
+        self.k = self.v = None
+        self._grow_cache(1024 if self.graphs else 256)
         self.reset(torch.zeros(1, dtype=torch.long))
 
     # ---------------------------------------------------------------- sequence state
     def reset(self, prompt: torch.Tensor) -> None:
         self.tokens = prompt.reshape(-1).to(self.draft_device)  # committed tokens so far
-        kv = (self.head.kv_heads, 0, self.head.head_dim)
-        dtype = self.lm_head.weight.dtype
-        self.k = torch.zeros(kv, dtype=dtype, device=self.draft_device)  # [kv, L, d] one entry per position
-        self.v = torch.zeros_like(self.k)
-        self.root_out: torch.Tensor | None = None  # [hidden] the head's feature for the root's position
+        self.length = 0  # committed entries (one per position) in self.k / self.v
+        self.length_dev.zero_()
+        self.has_root = False  # self.root holds the head's feature for the root's position
 
-    @property
-    def entries(self) -> int:
-        return self.k.shape[1]
+    def _grow_cache(self, capacity: int) -> None:
+        """K/V buffers [kv, capacity, d] (the first ``length`` entries kept); graphs read the
+        old buffers, so they are dropped."""
+        shape = (self.head.kv_heads, capacity, self.head.head_dim)
+        k = torch.zeros(shape, dtype=self.lm_head.weight.dtype, device=self.draft_device)
+        v = torch.zeros_like(k)
+        if self.k is not None:
+            k[:, :self.length], v[:, :self.length] = self.k[:, :self.length], self.v[:, :self.length]
+        self.k, self.v = k, v
+        self._graphs.clear()
 
     @torch.no_grad()
     def observe_prefill(self, hidden: torch.Tensor) -> None:
@@ -211,21 +228,26 @@ class HeadDrafter:
                              "run it through specdec.generate, which asks the runner for them")
         rows = torch.tensor([0] + [i + 1 for i in result.accepted_nodes], device=result.target_hidden.device)
         new = result.committed.to(self.draft_device)
-        if self.entries + 1 != self.tokens.numel():  # (a prompt of one token: no prefill, no entry yet)
-            raise RuntimeError(f"HeadDrafter out of step: {self.entries} entries for {self.tokens.numel()} tokens")
+        if self.length + 1 != self.tokens.numel():  # (a prompt of one token: no prefill, no entry yet)
+            raise RuntimeError(f"HeadDrafter out of step: {self.length} entries for {self.tokens.numel()} tokens")
         self.tokens = torch.cat([self.tokens, new])
         self._append(result.target_hidden.index_select(0, rows), new)
 
     def _append(self, hidden: torch.Tensor, next_tokens: torch.Tensor) -> None:
         """Entries for the next positions: target features [a, hidden] and the tokens after them [a]."""
-        a = hidden.shape[0]
+        a, L = hidden.shape[0], self.length
         if a == 0:
             return
-        pos = torch.arange(self.entries, self.entries + a, device=self.draft_device)
+        if L + a > self.k.shape[1]:
+            self._grow_cache(max(2 * self.k.shape[1], L + a))
+        pos = torch.arange(L, L + a, device=self.draft_device)
         out, k, v = self.head(self.embed(next_tokens), self.norm(hidden.to(self.draft_device)), pos,
-                              self.k, self.v)
-        self.k, self.v = torch.cat([self.k, k], 1), torch.cat([self.v, v], 1)
-        self.root_out = out[-1]
+                              self.k[:, :L], self.v[:, :L])
+        self.k[:, L:L + a], self.v[:, L:L + a] = k, v
+        self.length += a
+        self.length_dev.fill_(self.length)
+        self.root.copy_(out[-1])
+        self.has_root = True
 
     # ---------------------------------------------------------------- drafting
     def _log_probs(self, feat: torch.Tensor) -> torch.Tensor:
@@ -235,57 +257,88 @@ class HeadDrafter:
     @torch.no_grad()
     def propose(self, request: DraftRequest) -> TokenTree:
         budget = request.budget
-        if self.root_out is None or budget.max_nodes < 1 or budget.max_depth < 1:
+        if not self.has_root or budget.max_nodes < 1 or budget.max_depth < 1:
             return TokenTree.empty()
         if request.tokens.numel() != self.tokens.numel():
             raise RuntimeError(f"HeadDrafter out of step: it has {self.tokens.numel()} committed tokens, "
                                f"the request {request.tokens.numel()}")
-        dev, L = self.draft_device, self.entries
-        k = min(self.topk, budget.max_nodes)
-        depth = min(self.depth, budget.max_depth)
-        lp, tok = self._log_probs(self.root_out[None])[0].topk(k)  # level 1: [k]
-        scores, tokens, parents = [lp], [tok], [torch.full((k,), -1, device=dev)]
+        shape = (min(self.topk, budget.max_nodes), min(self.width, budget.max_nodes),
+                 min(self.depth, budget.max_depth, budget.max_nodes))
+        out = self._replay(shape) if self.graphs else None
+        if out is None:  # eagerly, over the committed entries only
+            L = self.length
+            out = self._grow(*shape, self.k[:, :L], self.v[:, :L], None)
+        return _best_nodes(*out, budget.max_nodes)
+
+    def _replay(self, shape: tuple) -> tuple | None:
+        """The candidates from this shape's CUDA graph (captured on first use), or None when
+        graphs are off. The graph reads the whole K/V buffers, masked past ``length_dev``."""
+        from ..backends.cuda_graphs import capture
+
+        if shape not in self._graphs:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            try:
+                self._graphs[shape] = capture(lambda: self._grow(*shape, self.k, self.v, self.length_dev),
+                                              self.draft_device, warmup=2, pool=self._pool, verify_tol=None)
+            except Exception as e:  # noqa: BLE001 -- any failure: say why once, draft eagerly
+                self.graphs, self.graph_issue = False, f"{type(e).__name__}: {e}"
+                print(f"specdec: HeadDrafter drafts without CUDA graphs ({self.graph_issue})", file=sys.stderr)
+                return None
+            return self._graphs[shape][1]  # (capture replayed it once)
+        graph, out = self._graphs[shape]
+        graph.replay()
+        return out
+
+    def _grow(self, k: int, width: int, depth: int, ctx_k: torch.Tensor, ctx_v: torch.Tensor,
+              length: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every candidate of a tree of ``depth`` levels: (tokens, parents, cumulative log-probs),
+        each [k + (depth - 1) * width * k], ids growing level by level. ctx_k, ctx_v [kv, C, d]:
+        the committed entries, all of them visible when ``length`` is None, else the first
+        ``length`` ([1] on the device). No host sync and fixed shapes: CUDA-graph safe."""
+        dev, C = self.draft_device, ctx_k.shape[1]
+        L = length if length is not None else torch.full((1,), C, dtype=torch.long, device=dev)
+        visible = torch.arange(C, device=dev)[None, :] < L if length is not None else \
+            torch.ones(1, C, dtype=torch.bool, device=dev)  # [1, C]
+        lp, tok = self._log_probs(self.root[None])[0].topk(k)  # level 1: [k]
+        scores, tokens, parents = [lp], [tok], [torch.full((k,), -1, dtype=torch.long, device=dev)]
         level_ids = torch.arange(k, device=dev)  # this level's node ids
-        level_out = self.root_out[None].expand(k, -1)  # [k, hidden] each node's parent's predicted feature
+        level_out = self.root[None].expand(k, -1)  # [k, hidden] each node's parent's predicted feature
         dk = dv = None  # [kv, E, d] this tree's draft entries
         anc = torch.zeros(0, 0, dtype=torch.bool, device=dev)  # [E, E] entry e sees entry e'
         node_entry = torch.full((k,), -1, dtype=torch.long, device=dev)  # entry of each node (-1: none)
         n_nodes, E = k, 0
         for level in range(1, depth):
-            w = min(self.width, level_ids.numel())
+            w = min(width, level_ids.numel())
             sel = scores[-1].topk(w).indices  # [w] positions within this level
             nodes = level_ids[sel]  # [w] node ids to expand
             par = torch.cat(parents)[nodes]  # [w] their parents (-1 at level 1)
             par_entry = torch.where(par >= 0, node_entry[par.clamp(min=0)], -1)  # [w]
-            # masks: committed entries all visible; draft entries: the parent's ancestry, itself
-            seen = torch.zeros(w, E + w, dtype=torch.bool, device=dev)
+            # what each new entry sees: the visible committed entries, its parent's ancestry, itself
+            seen = torch.eye(w, dtype=torch.bool, device=dev)
             if E:
-                seen[:, :E] = torch.where(par_entry[:, None] >= 0, anc[par_entry.clamp(min=0)], False)
-            seen[:, E:] = torch.eye(w, dtype=torch.bool, device=dev)
-            mask = torch.cat([torch.ones(w, L, dtype=torch.bool, device=dev), seen], 1)
-            ctx_k = self.k if dk is None else torch.cat([self.k, dk], 1)
-            ctx_v = self.v if dv is None else torch.cat([self.v, dv], 1)
-            pos = torch.full((w,), L + level - 1, device=dev)
+                above = torch.where(par_entry[:, None] >= 0, anc[par_entry.clamp(min=0)], False)  # [w, E]
+                seen = torch.cat([above, seen], 1)
+            mask = torch.cat([visible.expand(w, C), seen], 1)  # [w, C + E + w]
+            ck = ctx_k if dk is None else torch.cat([ctx_k, dk], 1)
+            cv = ctx_v if dv is None else torch.cat([ctx_v, dv], 1)
+            pos = (L + (level - 1)).expand(w)
             out, nk, nv = self.head(self.embed(torch.cat(tokens)[nodes]), self.norm(level_out[sel]), pos,
-                                    ctx_k, ctx_v, mask)
+                                    ck, cv, mask)
             dk = nk if dk is None else torch.cat([dk, nk], 1)
             dv = nv if dv is None else torch.cat([dv, nv], 1)
-            grown = torch.zeros(E + w, E + w, dtype=torch.bool, device=dev)
-            grown[:E, :E] = anc
-            grown[E:] = seen
-            anc = grown
-            node_entry[nodes] = torch.arange(E, E + w, device=dev)
+            anc = torch.cat([torch.cat([anc, torch.zeros(E, w, dtype=torch.bool, device=dev)], 1), seen], 0)
+            node_entry = node_entry.index_put((nodes,), torch.arange(E, E + w, device=dev))
             E += w
             lp, tok = self._log_probs(out).topk(k, dim=-1)  # [w, k]
-            child_scores = (scores[-1][sel][:, None] + lp).reshape(-1)
-            scores.append(child_scores)
+            scores.append((scores[-1][sel][:, None] + lp).reshape(-1))
             tokens.append(tok.reshape(-1))
             parents.append(nodes.repeat_interleave(k))
             level_ids = torch.arange(n_nodes, n_nodes + w * k, device=dev)
             level_out = out.repeat_interleave(k, 0)  # [w * k, hidden]
             node_entry = torch.cat([node_entry, torch.full((w * k,), -1, dtype=torch.long, device=dev)])
             n_nodes += w * k
-        return _best_nodes(torch.cat(tokens), torch.cat(parents), torch.cat(scores), budget.max_nodes)
+        return torch.cat(tokens), torch.cat(parents), torch.cat(scores)
 
 
 def _best_nodes(tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor, max_nodes: int) -> TokenTree:

@@ -297,6 +297,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=None, help="default 3e-4 (model), 5e-4 (head)")
     p.add_argument("--batch-tokens", type=int, default=1024, help="tokens per training step")
     p.add_argument("--passes", type=int, default=3, help="(kind head) unrolled passes (training-time test)")
+    p.add_argument("--draft-vocab", type=int, default=16384,
+                   help="(kind head) tokens drafting scores: the most frequent in the data (0: all)")
     p.add_argument("--kl-weight", type=float, default=0.1, help="(kind head) weight of the token KL vs the feature loss")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -341,12 +343,15 @@ def main(argv=None) -> int:
 
         data = train_head.collect(target, seqs, log=log)
         head = train_head.init_head(target)
+        if args.draft_vocab:
+            head.draft_vocab = train_head.draft_vocab(seqs, args.draft_vocab)
         rows = max(1, args.batch_tokens // 256)
         losses = train_head.train(head, target, data, steps=args.steps, lr=args.lr or 5e-4, rows=rows,
                                   length=min(256, args.batch_tokens), passes=args.passes,
                                   kl_weight=args.kl_weight, seed=args.seed, checkpoint=checkpoint,
                                   time_budget_s=args.train_seconds, log=log)
         record.update(final_loss=losses[-1] if losses else None, passes=args.passes,
+                      draft_vocab=None if head.draft_vocab is None else int(head.draft_vocab.numel()),
                       seconds=round(time.perf_counter() - t0, 1))
         save_head(head, target, out, record)
         saved = out / "head.safetensors"

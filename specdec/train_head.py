@@ -86,6 +86,14 @@ def collect(target, seqs: list[torch.Tensor], *, topk: int = 32, batch_tokens: i
     return data
 
 
+def draft_vocab(seqs: list[torch.Tensor], size: int) -> torch.Tensor:
+    """The ``size`` most frequent tokens of the sequences, ascending ids [size] int64: the rows
+    the head scores when drafting (``DraftHead.draft_vocab``)."""
+    counts = torch.bincount(torch.cat([s.reshape(-1).cpu() for s in seqs]))
+    size = min(size, int((counts > 0).sum()))
+    return counts.topk(size).indices.sort().values
+
+
 def init_head(target) -> DraftHead:
     """A head shaped like a target layer, its layer initialised from the target's last layer
     (fc: the feature passed through, the embedding added small), fp32 on the target's device."""

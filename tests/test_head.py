@@ -140,7 +140,7 @@ def _reference_tree(drafter: HeadDrafter, feats: torch.Tensor, tokens: torch.Ten
     nodes = []  # (score, token, parent, path)
     lp = drafter._log_probs(out_for([])[None])[0]
     top = lp.topk(k)
-    level = [(float(s), int(t), -1, [int(t)]) for s, t in zip(top.values, top.indices)]
+    level = [(float(s), int(t), -1, [int(t)]) for s, t in zip(top.values, drafter._token_ids(top.indices))]
     nodes += level
     for _ in range(1, depth):
         base = len(nodes) - len(level)
@@ -149,15 +149,23 @@ def _reference_tree(drafter: HeadDrafter, feats: torch.Tensor, tokens: torch.Ten
         for i in sorted(order, key=lambda i: -level[i][0]):
             s, _, _, path = level[i]
             lp = drafter._log_probs(out_for(path)[None])[0].topk(k)
-            nxt += [(s + float(v), int(t), base + i, path + [int(t)]) for v, t in zip(lp.values, lp.indices)]
+            nxt += [(s + float(v), int(t), base + i, path + [int(t)])
+                    for v, t in zip(lp.values, drafter._token_ids(lp.indices))]
         level = nxt
         nodes += level
     best = sorted(range(len(nodes)), key=lambda i: (-nodes[i][0], i))[:budget.max_nodes]
     return sorted((nodes[i][3] for i in best))
 
 
-def test_head_tree_equals_the_from_scratch_reference(head_dir):
+@pytest.mark.parametrize("vocab", ["all", "subset"])
+def test_head_tree_equals_the_from_scratch_reference(head_dir, vocab):
     target, path = head_dir
+    if vocab == "subset":  # a draft vocabulary: 40 of the 64 tokens
+        head = load_head(path, target)
+        head.draft_vocab = train_head.draft_vocab(_seqs(64), 40)
+        save_head(head, target, path / "sub")
+        path = path / "sub"
+        assert load_head(path, target).draft_vocab.tolist() == head.draft_vocab.tolist()
     drafter = drafters.make("head", target=target, path=path, topk=3, width=2, depth=3)
     prompt = torch.tensor([5, 9, 3, 5, 9, 3, 7, 1, 5])
     feats = _norm_input(target, prompt)
@@ -169,6 +177,8 @@ def test_head_tree_equals_the_from_scratch_reference(head_dir):
         want = _reference_tree(drafter, feats[:-1], prompt, budget)
     paths = sorted([[int(tree.tokens[j]) for j in tree.path_to(i)] for i in range(len(tree))])
     assert len(tree) == 7 and paths == want, (paths, want)
+    if vocab == "subset":
+        assert set(tree.tokens.tolist()) <= set(drafter.vocab_ids.tolist())
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])

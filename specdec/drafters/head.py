@@ -70,6 +70,9 @@ class DraftHead(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
         inv = 1.0 / rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv, persistent=False)
+        # [V'] int64: the tokens drafting scores (the most frequent in the training data, as in
+        # EAGLE-3): an LM head of V' rows instead of the whole vocabulary. None: all of it.
+        self.draft_vocab: torch.Tensor | None = None
 
     @classmethod
     def for_target(cls, target) -> "DraftHead":
@@ -134,8 +137,10 @@ def save_head(head: DraftHead, target, out: str | Path, record: dict | None = No
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to(torch.float16).contiguous().cpu() for k, v in head.state_dict().items()},
-              str(out / WEIGHTS))
+    tensors = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in head.state_dict().items()}
+    if head.draft_vocab is not None:
+        tensors["draft_vocab"] = head.draft_vocab.to(torch.int64).contiguous().cpu()
+    save_file(tensors, str(out / WEIGHTS))
     meta = {"format": FORMAT, "kind": "head", "config": head.config,
             "target": getattr(target.config, "_name_or_path", "") or target.config.model_type,
             "target_fingerprint": fingerprint(target), **(record or {})}
@@ -159,9 +164,16 @@ def load_head(path: str | Path, target) -> DraftHead:
                          "train one for it with `specdec train-draft --kind head`")
     head = DraftHead(**{k: v for k, v in meta["config"].items() if k not in ("eps", "rope_theta")},
                      eps=meta["config"]["eps"], rope_theta=meta["config"]["rope_theta"])
-    head.load_state_dict(load_file(str(path / WEIGHTS)))
+    state = load_file(str(path / WEIGHTS))
+    vocab = state.pop("draft_vocab", None)
+    head.load_state_dict(state)
     p0 = next(target.parameters())
-    return head.to(device=p0.device, dtype=p0.dtype).eval().requires_grad_(False)
+    head = head.to(device=p0.device, dtype=p0.dtype).eval().requires_grad_(False)
+    if vocab is not None:
+        if int(vocab.min()) < 0 or int(vocab.max()) >= target.get_output_embeddings().weight.shape[0]:
+            raise ValueError(f"{path}: the head's draft vocabulary holds ids outside this model's vocabulary")
+        head.draft_vocab = vocab.to(p0.device)
+    return head
 
 
 # ----------------------------------------------------------------------------- drafting
@@ -187,6 +199,12 @@ class HeadDrafter:
         self.topk, self.width, self.depth = topk, width, depth
         self.vocab_size = int(self.lm_head.weight.shape[0])
         self.draft_device = dev = self.lm_head.weight.device
+        # the rows drafting scores: [V', hidden] (a copy of the target's rows) and their ids [V']
+        self.vocab_ids = head.draft_vocab
+        self.head_weight = self.lm_head.weight if self.vocab_ids is None else \
+            self.lm_head.weight.index_select(0, self.vocab_ids.to(dev))
+        bias = getattr(self.lm_head, "bias", None)
+        self.head_bias = bias if bias is None or self.vocab_ids is None else bias.index_select(0, self.vocab_ids)
         self.graphs = dev.type == "cuda" if graphs is None else bool(graphs) and dev.type == "cuda"
         self.graph_issue: str | None = None
         self._graphs: dict[tuple, tuple] = {}  # (k, w, depth) -> (graph, outputs)
@@ -251,8 +269,12 @@ class HeadDrafter:
 
     # ---------------------------------------------------------------- drafting
     def _log_probs(self, feat: torch.Tensor) -> torch.Tensor:
-        """Predicted features [n, hidden] -> log-probabilities [n, vocab] (fp32)."""
-        return torch.log_softmax(self.lm_head(self.norm(feat)).float(), -1)
+        """Predicted features [n, hidden] -> log-probabilities [n, V'] (fp32) over the draft
+        vocabulary (``_token_ids`` maps column indices to token ids)."""
+        return torch.log_softmax(F.linear(self.norm(feat), self.head_weight, self.head_bias).float(), -1)
+
+    def _token_ids(self, idx: torch.Tensor) -> torch.Tensor:
+        return idx if self.vocab_ids is None else self.vocab_ids[idx]
 
     @torch.no_grad()
     def propose(self, request: DraftRequest) -> TokenTree:
@@ -300,7 +322,8 @@ class HeadDrafter:
         L = length if length is not None else torch.full((1,), C, dtype=torch.long, device=dev)
         visible = torch.arange(C, device=dev)[None, :] < L if length is not None else \
             torch.ones(1, C, dtype=torch.bool, device=dev)  # [1, C]
-        lp, tok = self._log_probs(self.root[None])[0].topk(k)  # level 1: [k]
+        lp, col = self._log_probs(self.root[None])[0].topk(k)  # level 1: [k]
+        tok = self._token_ids(col)
         scores, tokens, parents = [lp], [tok], [torch.full((k,), -1, dtype=torch.long, device=dev)]
         level_ids = torch.arange(k, device=dev)  # this level's node ids
         level_out = self.root[None].expand(k, -1)  # [k, hidden] each node's parent's predicted feature
@@ -330,7 +353,8 @@ class HeadDrafter:
             anc = torch.cat([torch.cat([anc, torch.zeros(E, w, dtype=torch.bool, device=dev)], 1), seen], 0)
             node_entry = node_entry.index_put((nodes,), torch.arange(E, E + w, device=dev))
             E += w
-            lp, tok = self._log_probs(out).topk(k, dim=-1)  # [w, k]
+            lp, col = self._log_probs(out).topk(k, dim=-1)  # [w, k]
+            tok = self._token_ids(col)
             scores.append((scores[-1][sel][:, None] + lp).reshape(-1))
             tokens.append(tok.reshape(-1))
             parents.append(nodes.repeat_interleave(k))

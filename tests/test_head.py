@@ -286,3 +286,16 @@ def test_graphed_tree_growth_equals_eager_gpu(tmp_path):
     for a, b in zip(trees[:2], trees[2:]):
         assert a.tokens.tolist() == b.tokens.tolist() and a.parents.tolist() == b.parents.tolist()
         assert torch.allclose(a.scores, b.scores, rtol=1e-4)
+
+
+def test_best_nodes_respects_the_node_and_depth_budget():
+    from specdec.drafters.head import _best_nodes
+
+    tokens = torch.tensor([10, 11, 20, 21, 30])
+    parents = torch.tensor([-1, -1, 0, 0, 2])
+    scores = torch.tensor([-0.1, -2.0, -0.2, -0.3, -0.25])  # a child never above its parent
+    tree = _best_nodes(tokens, parents, scores, 4)
+    assert tree.tokens.tolist() == [10, 20, 21, 30] and tree.parents.tolist() == [-1, 0, 0, 1]
+    tree = _best_nodes(tokens, parents, scores, 4, max_depth=2)
+    assert tree.tokens.tolist() == [10, 11, 20, 21] and tree.parents.tolist() == [-1, -1, 0, 0]
+    assert _best_nodes(tokens, parents, scores, 9, max_depth=1).tokens.tolist() == [10, 11]

@@ -284,13 +284,14 @@ class HeadDrafter:
         if request.tokens.numel() != self.tokens.numel():
             raise RuntimeError(f"HeadDrafter out of step: it has {self.tokens.numel()} committed tokens, "
                                f"the request {request.tokens.numel()}")
-        shape = (min(self.topk, budget.max_nodes), min(self.width, budget.max_nodes),
-                 min(self.depth, budget.max_depth, budget.max_nodes))
-        out = self._replay(shape) if self.graphs else None
-        if out is None:  # eagerly, over the committed entries only
+        # On CUDA one captured shape, the whole tree (a capture per budget would cost more than
+        # the levels it saves), cut to the budget on the host; eagerly, the budget's shape.
+        out = self._replay((self.topk, self.width, self.depth)) if self.graphs else None
+        if out is None:
             L = self.length
-            out = self._grow(*shape, self.k[:, :L], self.v[:, :L], None)
-        return _best_nodes(*out, budget.max_nodes)
+            out = self._grow(min(self.topk, budget.max_nodes), min(self.width, budget.max_nodes),
+                             min(self.depth, budget.max_depth, budget.max_nodes), self.k[:, :L], self.v[:, :L], None)
+        return _best_nodes(*out, budget.max_nodes, budget.max_depth)
 
     def _replay(self, shape: tuple) -> tuple | None:
         """The candidates from this shape's CUDA graph (captured on first use), or None when
@@ -365,12 +366,20 @@ class HeadDrafter:
         return torch.cat(tokens), torch.cat(parents), torch.cat(scores)
 
 
-def _best_nodes(tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor, max_nodes: int) -> TokenTree:
-    """The ``max_nodes`` best candidates by cumulative log-probability as a TokenTree in
-    topological order (ids grow level by level, so parents precede children). A child never
-    scores above its parent and a stable sort puts the parent first on a tie: the set is
-    ancestor-closed. One transfer to the host."""
+def _best_nodes(tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor, max_nodes: int,
+                max_depth: int | None = None) -> TokenTree:
+    """The ``max_nodes`` best candidates no deeper than ``max_depth`` by cumulative
+    log-probability, as a TokenTree in topological order (ids grow level by level, so parents
+    precede children). A child never scores above its parent and a stable sort puts the parent
+    first on a tie: the set is ancestor-closed. One transfer to the host per tensor."""
     tokens, parents, scores = (t.cpu() for t in (tokens, parents, scores))
+    if max_depth is not None:
+        depth = torch.zeros(tokens.numel(), dtype=torch.long)
+        for i, p in enumerate(parents.tolist()):  # parents precede children
+            depth[i] = 1 if p < 0 else depth[p] + 1
+        ok = depth <= max_depth
+        if not bool(ok.all()):
+            tokens, parents, scores = tokens[ok], parents[ok], scores[ok]  # (a prefix: ids grow by level)
     n = min(max_nodes, tokens.numel())
     keep = torch.sort(torch.argsort(-scores, stable=True)[:n]).values
     remap = torch.full((tokens.numel(),), -1, dtype=torch.long)

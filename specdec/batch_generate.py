@@ -13,6 +13,9 @@ shared among the live rows, each row's share following its own acceptance; when 
 alone fills the cap, speculation is off and the step is plain batched decoding. In greedy
 decoding the loop also measures whether speculation pays (``_PaysCheck``: a plain step every
 16 times the speculative rate against it) and turns it off for a while where it does not.
+While it is off the rows' drafters are not updated either (on the host, per row, that costs
+more than the plain step); each catches up from its row's tokens (``reset``) when drafting
+resumes.
 """
 from __future__ import annotations
 
@@ -258,12 +261,18 @@ def generate_batch(model, input_ids, *, attention_mask=None, drafter=None, max_n
         pays = _PaysCheck(enabled=not sp.do_sample and any(not isinstance(d, NoDrafter) for d in drafters))
         new = [[] for _ in range(B)]
         live = list(range(B)) if max_new_tokens > 0 else []
+        stale = set()  # rows whose drafter missed plain steps: rebuilt from their tokens before drafting
         while live:
             speculating = pays.speculate()
             row_share = max(0, cap // len(live) - 1) if speculating else 0
+            drafting = speculating and row_share > 0
             committed = 0
             trees, inputs = {}, []
             t_step = time.perf_counter()
+            if drafting and stale:
+                for b in sorted(stale & set(live)):
+                    drafters[b].reset(histories[b].view().clone())
+                stale.clear()
             for b in live:
                 t_d = time.perf_counter()
                 tree = _propose(drafters[b], histories[b], budgets[b].next(row_share), rules[b], runner.vocab_size)
@@ -293,12 +302,14 @@ def generate_batch(model, input_ids, *, attention_mask=None, drafter=None, max_n
                     budgets[b].record(len(accepted), row_share)
                 if stop:
                     done.append(b)
-                else:
+                elif drafting or isinstance(drafters[b], NoDrafter):
                     t_u = time.perf_counter()
                     drafters[b].update(VerifyResult(tree, accepted, torch.tensor(toks), hist.view(), lg))
                     st.update_time_s += time.perf_counter() - t_u
+                else:  # a plain step: the drafter's update (per row, on the host) would cost more than the
+                    stale.add(b)  # step itself; it catches up from the row's tokens when drafting resumes
             verify_s = time.perf_counter() - t_v
-            pays.record(speculating and row_share > 0, committed, time.perf_counter() - t_step)
+            pays.record(drafting, committed, time.perf_counter() - t_step)
             for b in live:
                 stats.rows[b].verify_time_s += verify_s
             for b in done:

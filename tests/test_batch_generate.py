@@ -197,6 +197,38 @@ def test_speculation_that_does_not_pay_turns_itself_off(monkeypatch):
     assert checked > run() + 0.25
 
 
+def test_plain_steps_skip_the_drafters_and_rows_catch_up_when_drafting_resumes(monkeypatch):
+    """While the pays check has speculation off, no row's drafter is updated (that host work
+    cost more than the plain step itself); when drafting resumes each row's drafter is reset to
+    the row's tokens. Output: still each row alone."""
+    from specdec import batch_generate
+    from specdec.drafters.ngram import NgramDrafter
+
+    calls = {"update": 0, "reset": []}
+
+    class Counting(NgramDrafter):
+        def update(self, result):
+            calls["update"] += 1
+            return super().update(result)
+
+        def reset(self, prompt):
+            calls["reset"].append(int(prompt.numel()))
+            return super().reset(prompt)
+
+    plan = iter([True] * 3 + [False] * 6 + [True] * 100)
+    monkeypatch.setattr(batch_generate._PaysCheck, "speculate", lambda self: next(plan))
+    model = tiny_model("llama", vocab=48)
+    ids, mask = _left_padded(ROWS)
+    out = generate_batch(model, ids, attention_mask=mask, drafter=lambda: Counting(), max_new_tokens=24,
+                         eos_token_id=None)
+    assert out.new_token_lists == _alone(model, ROWS, 24, eos_token_id=None)
+    rows = len(ROWS)
+    resets = calls["reset"][rows:]  # after the first reset of each row (its prompt)
+    assert len(resets) == rows and all(n > len(r) for n, r in zip(resets, ROWS))  # prompt + what was decoded
+    steps = sum(r.steps for r in out.stats.rows)
+    assert calls["update"] < steps - 6 * rows + rows  # no updates during the 6 plain steps
+
+
 def test_real_smollm2_fp32_batch_rows_equal_transformers_one_by_one(smollm2):
     """The real model, fp32, generic batched backend: a left-padded batch of code, math and
     chat prompts with ngram + recycling drafts; each row equals transformers' greedy output

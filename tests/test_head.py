@@ -299,3 +299,29 @@ def test_best_nodes_respects_the_node_and_depth_budget():
     tree = _best_nodes(tokens, parents, scores, 4, max_depth=2)
     assert tree.tokens.tolist() == [10, 11, 20, 21] and tree.parents.tolist() == [-1, -1, 0, 0]
     assert _best_nodes(tokens, parents, scores, 9, max_depth=1).tokens.tolist() == [10, 11]
+
+
+def test_padded_update_equals_the_eager_update(head_dir):
+    """The step's update as the CUDA graph captures it (padded to depth + 1 entries, lengths on
+    the device), run eagerly here, proposes the same trees as the plain update."""
+    target, path = head_dir
+    seen = {}
+    for padded in (False, True):
+        drafter = drafters.make("head", target=target, path=path, topk=3, width=3, depth=3)
+        drafter.pad_appends = padded
+        trees = []
+        real = drafter.propose
+
+        def propose(request, real=real, trees=trees):
+            tree = real(request)
+            trees.append((tree.tokens.tolist(), tree.parents.tolist()))
+            return tree
+
+        drafter.propose = propose
+        ids = _seqs(64)[1][:12][None]
+        out = specdec.generate(target, ids, drafter=drafter, max_new_tokens=24, eos_token_id=None,
+                               budget=TreeBudget(max_nodes=9, max_depth=3))
+        assert out.sequences.tolist() == hf_greedy(target, ids, 24).tolist()
+        assert int(drafter.length_dev) == drafter.length
+        seen[padded] = trees
+    assert seen[True] == seen[False] and len(seen[True]) > 3

@@ -30,6 +30,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..models.common import rope_cos_sin
+from ..ops import norm as norm_ops
+from ..ops import rope as rope_ops
 from ..tree import TokenTree
 from .base import DraftRequest, VerifyResult
 
@@ -44,6 +47,8 @@ class _RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim]
+        if not torch.is_grad_enabled():  # drafting: the fused kernel where there is one (same formula)
+            return norm_ops.rms_norm(x, self.weight, self.eps)
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
@@ -104,12 +109,18 @@ class DraftHead(nn.Module):
         x = self.fc(torch.cat([emb, feat], -1))
         h = self.attn_norm(x)
 
-        def split(t, heads):  # [..., n, heads * d] -> [..., heads, n, d]
-            return t.view(*lead, n, heads, self.head_dim).transpose(-2, -3)
+        def split(t, heads):  # [..., n, heads * d] -> [..., n, heads, d]
+            return t.view(*lead, n, heads, self.head_dim)
 
-        q = self._rope(split(self.q_proj(h), self.heads), positions)
-        k = self._rope(split(self.k_proj(h), self.kv_heads), positions)
-        v = split(self.v_proj(h), self.kv_heads)
+        q, k, v = split(self.q_proj(h), self.heads), split(self.k_proj(h), self.kv_heads), \
+            split(self.v_proj(h), self.kv_heads)
+        if not lead and not torch.is_grad_enabled():  # drafting: one fused RoPE launch where there is one
+            cos, sin = rope_cos_sin(self.inv_freq, 1.0, positions, q.dtype)  # [n, 1, d]
+            q, k = rope_ops.apply_rope(q.contiguous(), k.contiguous(), cos, sin)
+            q, k, v = q.transpose(-2, -3), k.transpose(-2, -3), v.transpose(-2, -3)
+        else:
+            q, k, v = q.transpose(-2, -3), k.transpose(-2, -3), v.transpose(-2, -3)
+            q, k = self._rope(q, positions), self._rope(k, positions)
         keys = k if ctx_k is None else torch.cat([ctx_k, k], -2)  # [..., kv, c + n, d]
         vals = v if ctx_v is None else torch.cat([ctx_v, v], -2)
         if mask is None:
@@ -191,9 +202,10 @@ class HeadDrafter:
 
         if topk < 1 or width < 1 or depth < 1:
             raise ValueError(f"topk, width and depth must be >= 1, got {topk}, {width}, {depth}")
-        self.norm = final_norm(target)
-        if self.norm is None:
+        norm = final_norm(target)
+        if norm is None:
             raise ValueError(f"{type(target).__name__}: no final norm (model.model.norm) for the head to read")
+        self.norm = _fast_norm(norm)
         self.embed, self.lm_head = target.get_input_embeddings(), target.get_output_embeddings()
         self.head = head
         self.topk, self.width, self.depth = topk, width, depth
@@ -208,8 +220,16 @@ class HeadDrafter:
         self.graphs = dev.type == "cuda" if graphs is None else bool(graphs) and dev.type == "cuda"
         self.graph_issue: str | None = None
         self._graphs: dict[tuple, tuple] = {}  # (k, w, depth) -> (graph, outputs)
+        self._append_graph = None  # the step's update (see _append_padded)
         self._pool = None
         hidden = head.fc.out_features
+        # a step's update: at most depth + 1 entries (accepted + the root's), padded to that
+        self.max_append = depth + 1
+        self.pad_appends = False  # pad updates without graphs too (tests)
+        self._append_inputs = {
+            "hidden": torch.zeros(self.max_append, hidden, dtype=self.lm_head.weight.dtype, device=dev),
+            "tokens": torch.zeros(self.max_append, dtype=torch.long, device=dev),
+            "count": torch.ones(1, dtype=torch.long, device=dev), "base": torch.zeros(1, dtype=torch.long, device=dev)}
         self.root = torch.zeros(hidden, dtype=self.lm_head.weight.dtype, device=dev)  # [hidden] see reset
         self.length_dev = torch.zeros(1, dtype=torch.long, device=dev)  # [1] == self.length
         self.k = self.v = None
@@ -233,6 +253,7 @@ class HeadDrafter:
             k[:, :self.length], v[:, :self.length] = self.k[:, :self.length], self.v[:, :self.length]
         self.k, self.v = k, v
         self._graphs.clear()
+        self._append_graph = None
 
     @torch.no_grad()
     def observe_prefill(self, hidden: torch.Tensor) -> None:
@@ -256,8 +277,21 @@ class HeadDrafter:
         a, L = hidden.shape[0], self.length
         if a == 0:
             return
-        if L + a > self.k.shape[1]:
-            self._grow_cache(max(2 * self.k.shape[1], L + a))
+        if L + max(a, self.max_append) > self.k.shape[1]:
+            self._grow_cache(max(2 * self.k.shape[1], L + max(a, self.max_append)))
+        if a <= self.max_append and (self.graphs or self.pad_appends):
+            st = self._append_inputs
+            st["hidden"][:a].copy_(hidden)
+            st["tokens"][:a].copy_(next_tokens)
+            st["count"].fill_(a)
+            st["base"].fill_(L)
+            if not self.graphs:  # (tests: the padded update the graph captures, run eagerly)
+                self._append_padded()
+            elif not self._replay_append():
+                return self._append(hidden, next_tokens)  # (capture failed: graphs are off now)
+            self.length += a
+            self.has_root = True
+            return
         pos = torch.arange(L, L + a, device=self.draft_device)
         out, k, v = self.head(self.embed(next_tokens), self.norm(hidden.to(self.draft_device)), pos,
                               self.k[:, :L], self.v[:, :L])
@@ -266,6 +300,47 @@ class HeadDrafter:
         self.length_dev.fill_(self.length)
         self.root.copy_(out[-1])
         self.has_root = True
+
+    def _append_padded(self) -> None:
+        """A step's update padded to ``max_append`` entries, with no host sync and fixed shapes
+        (what the update's CUDA graph captures). Reads ``_append_inputs``: hidden [A, hidden],
+        tokens [A], count and base [1] (rows used; the committed length before). Writes the A
+        entries' K/V at base + arange(A) (the padding's land past the new length: masked, then
+        overwritten), the root feature and ``length_dev`` = base + count. Running it twice
+        gives the same state (the capture's warm-up runs it)."""
+        st, C = self._append_inputs, self.k.shape[1]
+        A = st["tokens"].numel()
+        pos = st["base"] + torch.arange(A, device=self.draft_device)  # [A]
+        visible = torch.arange(C, device=self.draft_device)[None, :] < st["base"]  # [1, C]
+        mask = torch.cat([visible.expand(A, C), torch.ones(A, A, dtype=torch.bool, device=self.draft_device).tril()], 1)
+        out, k, v = self.head(self.embed(st["tokens"]), self.norm(st["hidden"]), pos, self.k, self.v, mask)
+        self.k.index_copy_(1, pos, k)
+        self.v.index_copy_(1, pos, v)
+        self.root.copy_(out.index_select(0, st["count"] - 1)[0])
+        self.length_dev.copy_(st["base"] + st["count"])
+
+    def _replay_append(self) -> bool:
+        """The update from its CUDA graph (captured on first use); False if the capture failed."""
+        from ..backends.cuda_graphs import capture
+
+        if self._append_graph is None:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            try:
+                self._append_graph, _ = capture(lambda: self._append_padded() or self.root, self.draft_device,
+                                                warmup=2, pool=self._pool, verify_tol=None)
+            except Exception as e:  # noqa: BLE001 -- any failure: say why once, update eagerly
+                self._no_graphs(e)
+                return False
+            return True  # (capture replayed it once)
+        self._append_graph.replay()
+        return True
+
+    def _no_graphs(self, e: Exception) -> None:
+        self.graphs, self.graph_issue = False, f"{type(e).__name__}: {e}"
+        self._graphs.clear()
+        self._append_graph = None
+        print(f"specdec: HeadDrafter drafts without CUDA graphs ({self.graph_issue})", file=sys.stderr)
 
     # ---------------------------------------------------------------- drafting
     def _log_probs(self, feat: torch.Tensor) -> torch.Tensor:
@@ -305,8 +380,7 @@ class HeadDrafter:
                 self._graphs[shape] = capture(lambda: self._grow(*shape, self.k, self.v, self.length_dev),
                                               self.draft_device, warmup=2, pool=self._pool, verify_tol=None)
             except Exception as e:  # noqa: BLE001 -- any failure: say why once, draft eagerly
-                self.graphs, self.graph_issue = False, f"{type(e).__name__}: {e}"
-                print(f"specdec: HeadDrafter drafts without CUDA graphs ({self.graph_issue})", file=sys.stderr)
+                self._no_graphs(e)
                 return None
             return self._graphs[shape][1]  # (capture replayed it once)
         graph, out = self._graphs[shape]
@@ -364,6 +438,19 @@ class HeadDrafter:
             node_entry = torch.cat([node_entry, torch.full((w * k,), -1, dtype=torch.long, device=dev)])
             n_nodes += w * k
         return torch.cat(tokens), torch.cat(parents), torch.cat(scores)
+
+
+def _fast_norm(norm: nn.Module):
+    """The target's final norm as ``ops.norm.rms_norm`` (one fused launch on a GPU) where its
+    formula is known -- Llama's ``w * x_hat.to(dtype)``, Gemma's ``x_hat * (1 + w)`` -- else the
+    module itself."""
+    name, weight = type(norm).__name__, getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None)
+    known = name in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Gemma3RMSNorm", "GemmaRMSNorm")
+    if not known or weight is None or eps is None:
+        return norm
+    offset = name.startswith("Gemma")
+    return lambda x: norm_ops.rms_norm(x, weight, float(eps), offset)
 
 
 def _best_nodes(tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor, max_nodes: int,

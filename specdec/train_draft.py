@@ -89,21 +89,29 @@ def save(student, target, out: Path, record: dict) -> None:
     (out / "draft.json").write_text(json.dumps(meta, indent=2))
 
 
+def read_record(path: str | Path, name: str, kind: str, target, remedy: str) -> dict:
+    """The JSON record ``name`` a ``train-draft --kind kind`` run wrote in ``path``, checked
+    against ``target``'s fingerprint; ``remedy`` ends the error for another target."""
+    path = Path(path)
+    if not (path / name).exists():
+        raise FileNotFoundError(f"{path} holds no {name}: train one with "
+                                f"`specdec train-draft --kind {kind} --out {path}`")
+    meta = json.loads((path / name).read_text())
+    if meta.get("kind") != kind:
+        raise ValueError(f"{path}: draft kind {meta.get('kind')!r} is not supported here (kind {kind!r})")
+    if meta["target_fingerprint"] != fingerprint(target):
+        raise ValueError(f"{path} was trained for target {meta.get('target')!r} (fingerprint "
+                         f"{meta['target_fingerprint']}), not this model ({fingerprint(target)}); {remedy}")
+    return meta
+
+
 def load(path: str | Path, target) -> torch.nn.Module:
     """The draft model saved in ``path`` for ``target`` (its dtype and device)."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    cfg_file = path / "draft.json"
-    if not cfg_file.exists():
-        raise FileNotFoundError(f"{path} holds no draft.json: train one with `specdec train-draft --out {path}`")
-    meta = json.loads(cfg_file.read_text())
-    if meta.get("kind") != "model":
-        raise ValueError(f"{path}: draft kind {meta.get('kind')!r} is not supported here (kind 'model')")
-    if meta["target_fingerprint"] != fingerprint(target):
-        raise ValueError(f"{path} was trained for target {meta.get('target')!r} (fingerprint "
-                         f"{meta['target_fingerprint']}), not this model ({fingerprint(target)}); "
-                         "train a draft for this target with `specdec train-draft`")
+    meta = read_record(path, "draft.json", "model", target,
+                       "train a draft for this target with `specdec train-draft --kind model`")
     student = student_from_target(target, int(meta["layers"]))
     weights = load_file(str(path / "draft.safetensors"))
     p0 = next(target.parameters())

@@ -14,7 +14,7 @@ from specdec.backends.cuda_graphs import GraphedCompactRunner
 from specdec.backends.generic import HFRunner, final_norm
 from specdec.config import SamplingParams, TreeBudget
 from specdec.drafters.base import DraftRequest
-from specdec.drafters.head import DraftHead, HeadDrafter, load_head, save_head, shipped_head
+from specdec.drafters.head import HeadDrafter, load_head, save_head, shipped_head
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -221,24 +221,11 @@ def test_update_without_hidden_states_is_a_clear_error(head_dir):
 
 def test_sampling_distribution(tmp_path):
     """First two sampled tokens follow the target's exact joint distribution through the head."""
-    from test_drafters_lossless import _tv
-    from test_sampling import _exact_first_two, sample_first_two
+    from test_drafters_lossless import assert_first_two_follow_target, peaky_target
 
-    vocab = 5
-    target = tiny_model("llama", vocab=vocab, seed=0)
-    with torch.no_grad():
-        target.lm_head.weight.mul_(8)
+    target = peaky_target()
     save_head(train_head.init_head(target), target, tmp_path)
-    drafter = drafters.make("head", target=target, path=tmp_path, topk=2)
-    ids = torch.tensor([[1, 3, 1, 3, 1]])
-    exact = _exact_first_two(target, ids, SamplingParams(do_sample=True, temperature=0.8, top_p=0.95))
-
-    def run(n, seed):
-        return sample_first_two(target, ids, drafter, n, seed, temperature=0.8, top_p=0.95)
-
-    small, large = _tv(run(100, 1), exact), _tv(run(1200, 2), exact)
-    assert large < small
-    assert large < 0.07, f"TV {large:.3f}"
+    assert_first_two_follow_target(target, drafters.make("head", target=target, path=tmp_path, topk=2))
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -294,11 +281,12 @@ def test_best_nodes_respects_the_node_and_depth_budget():
     tokens = torch.tensor([10, 11, 20, 21, 30])
     parents = torch.tensor([-1, -1, 0, 0, 2])
     scores = torch.tensor([-0.1, -2.0, -0.2, -0.3, -0.25])  # a child never above its parent
-    tree = _best_nodes(tokens, parents, scores, 4)
+    depth = torch.tensor([1, 1, 2, 2, 3])
+    tree = _best_nodes(tokens, parents, scores, depth, 4)
     assert tree.tokens.tolist() == [10, 20, 21, 30] and tree.parents.tolist() == [-1, 0, 0, 1]
-    tree = _best_nodes(tokens, parents, scores, 4, max_depth=2)
+    tree = _best_nodes(tokens, parents, scores, depth, 4, max_depth=2)
     assert tree.tokens.tolist() == [10, 11, 20, 21] and tree.parents.tolist() == [-1, -1, 0, 0]
-    assert _best_nodes(tokens, parents, scores, 9, max_depth=1).tokens.tolist() == [10, 11]
+    assert _best_nodes(tokens, parents, scores, depth, 9, max_depth=1).tokens.tolist() == [10, 11]
 
 
 def test_padded_update_equals_the_eager_update(head_dir):

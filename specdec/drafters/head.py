@@ -162,19 +162,12 @@ def load_head(path: str | Path, target) -> DraftHead:
     """The head saved in ``path`` for ``target``, on its device and dtype; another target is an error."""
     from safetensors.torch import load_file
 
+    from ..train_draft import read_record
+
     path = Path(path)
-    if not (path / CONFIG).exists():
-        raise FileNotFoundError(f"{path} holds no {CONFIG}: train a head with "
-                                f"`specdec train-draft --kind head --out {path}`")
-    meta = json.loads((path / CONFIG).read_text())
-    if meta.get("kind") != "head":
-        raise ValueError(f"{path}: kind {meta.get('kind')!r} is not a draft head")
-    if meta["target_fingerprint"] != fingerprint(target):
-        raise ValueError(f"{path} holds a head trained for {meta.get('target')!r} (fingerprint "
-                         f"{meta['target_fingerprint']}), not for this model ({fingerprint(target)}); "
-                         "train one for it with `specdec train-draft --kind head`")
-    head = DraftHead(**{k: v for k, v in meta["config"].items() if k not in ("eps", "rope_theta")},
-                     eps=meta["config"]["eps"], rope_theta=meta["config"]["rope_theta"])
+    meta = read_record(path, CONFIG, "head", target,
+                       "train one for it with `specdec train-draft --kind head`")
+    head = DraftHead(**meta["config"])
     state = load_file(str(path / WEIGHTS))
     vocab = state.pop("draft_vocab", None)
     head.load_state_dict(state)
@@ -388,8 +381,8 @@ class HeadDrafter:
         return out
 
     def _grow(self, k: int, width: int, depth: int, ctx_k: torch.Tensor, ctx_v: torch.Tensor,
-              length: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every candidate of a tree of ``depth`` levels: (tokens, parents, cumulative log-probs),
+              length: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every candidate of a tree of ``depth`` levels: (tokens, parents, cumulative log-probs, depth),
         each [k + (depth - 1) * width * k], ids growing level by level. ctx_k, ctx_v [kv, C, d]:
         the committed entries, all of them visible when ``length`` is None, else the first
         ``length`` ([1] on the device). No host sync and fixed shapes: CUDA-graph safe."""
@@ -400,6 +393,7 @@ class HeadDrafter:
         lp, col = self._log_probs(self.root[None])[0].topk(k)  # level 1: [k]
         tok = self._token_ids(col)
         scores, tokens, parents = [lp], [tok], [torch.full((k,), -1, dtype=torch.long, device=dev)]
+        depths = [torch.ones(k, dtype=torch.long, device=dev)]
         level_ids = torch.arange(k, device=dev)  # this level's node ids
         level_out = self.root[None].expand(k, -1)  # [k, hidden] each node's parent's predicted feature
         dk = dv = None  # [kv, E, d] this tree's draft entries
@@ -433,11 +427,12 @@ class HeadDrafter:
             scores.append((scores[-1][sel][:, None] + lp).reshape(-1))
             tokens.append(tok.reshape(-1))
             parents.append(nodes.repeat_interleave(k))
+            depths.append(torch.full((w * k,), level + 1, dtype=torch.long, device=dev))
             level_ids = torch.arange(n_nodes, n_nodes + w * k, device=dev)
             level_out = out.repeat_interleave(k, 0)  # [w * k, hidden]
             node_entry = torch.cat([node_entry, torch.full((w * k,), -1, dtype=torch.long, device=dev)])
             n_nodes += w * k
-        return torch.cat(tokens), torch.cat(parents), torch.cat(scores)
+        return torch.cat(tokens), torch.cat(parents), torch.cat(scores), torch.cat(depths)
 
 
 def _fast_norm(norm: nn.Module):
@@ -453,20 +448,17 @@ def _fast_norm(norm: nn.Module):
     return lambda x: norm_ops.rms_norm(x, weight, float(eps), offset)
 
 
-def _best_nodes(tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor, max_nodes: int,
-                max_depth: int | None = None) -> TokenTree:
+def _best_nodes(tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor, depth: torch.Tensor,
+                max_nodes: int, max_depth: int | None = None) -> TokenTree:
     """The ``max_nodes`` best candidates no deeper than ``max_depth`` by cumulative
     log-probability, as a TokenTree in topological order (ids grow level by level, so parents
-    precede children). A child never scores above its parent and a stable sort puts the parent
-    first on a tie: the set is ancestor-closed. One transfer to the host per tensor."""
-    tokens, parents, scores = (t.cpu() for t in (tokens, parents, scores))
+    precede children and the nodes within ``max_depth`` are a prefix). A child never scores
+    above its parent and a stable sort puts the parent first on a tie: the set is
+    ancestor-closed. One transfer to the host per tensor."""
+    tokens, parents, scores, depth = (t.cpu() for t in (tokens, parents, scores, depth))
     if max_depth is not None:
-        depth = torch.zeros(tokens.numel(), dtype=torch.long)
-        for i, p in enumerate(parents.tolist()):  # parents precede children
-            depth[i] = 1 if p < 0 else depth[p] + 1
         ok = depth <= max_depth
-        if not bool(ok.all()):
-            tokens, parents, scores = tokens[ok], parents[ok], scores[ok]  # (a prefix: ids grow by level)
+        tokens, parents, scores = tokens[ok], parents[ok], scores[ok]
     n = min(max_nodes, tokens.numel())
     keep = torch.sort(torch.argsort(-scores, stable=True)[:n]).values
     remap = torch.full((tokens.numel(),), -1, dtype=torch.long)

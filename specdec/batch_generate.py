@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backends.batch import BatchRunner, RowInput
+from .backends.batch import RowInput
 from .backends.select import as_batch_runner
 from .config import SamplingParams, TreeBudget
 from .drafters.base import NoDrafter, VerifyResult
